@@ -1,0 +1,278 @@
+"""Seconds per generation on the SD 1.5 UNet: no LoRA, static LoRA, step schedule, ramp, and
+the re-merge-from-CPU-backup reference that older per-step tools use.
+
+    python bench/engine_bench.py                      # CPU, 256x256, SD 1.5 UNet, random weights
+    python bench/engine_bench.py --device cuda        # 512x512 on a GPU
+
+Every configuration runs once to warm up, then ``--runs`` times interleaved (a, b, c, a, b, c,
+...) so that drifts in machine speed hit all of them alike; the table shows medians and ratios
+to static LoRA measured in the same run. "Static LoRA" is the host's steady state for a plain
+``<lora:x:1>``: the weights merged once, before the timed generations.
+
+It also measures one merged update (every targeted layer rewritten) against the machine's
+plain tensor-copy bandwidth, the physical limit of such an update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from networks import write_network  # noqa: E402
+
+from lib_scheduled_lora.delta_cache import DeltaCache  # noqa: E402
+from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork, ScheduledWeights  # noqa: E402
+from lib_scheduled_lora.naming import map_network  # noqa: E402
+from lib_scheduled_lora.networks.network import load_network  # noqa: E402
+from lib_scheduled_lora.schedule import Schedule, parse_schedule  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+STEP, RAMP = "0@0.3:1", "0@0,1@1"
+
+
+@dataclass
+class Config:
+    label: str
+    network: str | None  # "lora" / "locon" / "loha", None for no LoRA
+    kind: str  # "none", "static", "scheduled", "reference"
+    schedule: str = "1"
+    mode: str = "auto"
+
+
+def build_unet(device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).eval()
+
+
+class Generation:
+    """A minimal Euler loop: the UNet calls are what costs; the scheduler would add noise."""
+
+    def __init__(self, unet, size: int, steps: int, batch: int, device: str, dtype: torch.dtype):
+        self.unet, self.steps = unet, steps
+        latent = size // 8
+        gen = torch.Generator("cpu").manual_seed(1)
+        self.x0 = torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype)
+        self.context = torch.randn(batch, 77, 768, generator=gen).to(device, dtype)
+        self.timesteps = torch.linspace(999, 0, steps).tolist()
+
+    def __call__(self, before_step: Callable[[int], None] = lambda i: None) -> torch.Tensor:
+        x = self.x0
+        for i, t in enumerate(self.timesteps):
+            before_step(i)
+            eps = self.unet(x, t, encoder_hidden_states=self.context).sample
+            x = x - eps * (1.0 / self.steps)
+        return x
+
+
+class RemergeFromBackup:
+    """What loractl (through A1111's Lora extension) does on every multiplier change: restore each
+    targeted weight from a CPU backup, then rebuild ΔW from the network's factors and add it."""
+
+    def __init__(self, unet, network, schedule: Schedule):
+        self.schedule = schedule
+        params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+        mapping = map_network(network.modules, {n: tuple(p.shape) for n, p in params.items()})
+        self.layers = [(params[t.weight].data, t.module) for t in mapping.targets]
+        self.backup = [w.detach().to("cpu", copy=True) for w, _ in self.layers]
+        self.last: float | None = None
+
+    def before_step(self, step: int, steps: int) -> None:
+        m = self.schedule.at(step, steps)
+        if m == self.last:
+            return
+        self.last = m
+        with torch.no_grad():
+            for (weight, module), backup in zip(self.layers, self.backup):
+                weight.copy_(backup.to(weight.device))
+                if m:
+                    delta = module.weight_delta(weight)
+                    weight.copy_((weight.float() + m * delta).to(weight.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (weight, _), backup in zip(self.layers, self.backup):
+                weight.copy_(backup.to(weight.device))
+        self.last = None
+
+
+def copy_bandwidth(device: str, mb: int = 256, repeats: int = 7) -> float:
+    """Bytes per second of a plain device-to-device tensor copy (read + write)."""
+    src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def update_bandwidth(unet, network, device: str, repeats: int = 7) -> tuple[float, int]:
+    """Bytes per second moved by a full merged update of every targeted layer, and its bytes."""
+    model = torch.nn.ModuleDict({"unet": unet})
+    scheduled = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=parse_schedule(RAMP))
+    steps = repeats + 2
+    with ScheduledWeights(model, [scheduled], EngineSettings(mode="merge", cache_budget_mb=1e6)) as weights:
+        weights.set_position("unet", 1, steps)  # first change: copies the originals, builds ΔW
+        rates = []
+        for i in range(2, steps):
+            before = weights.stats.bytes_moved
+            _sync(device)
+            start = time.perf_counter()
+            weights.set_position("unet", i, steps)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            moved = weights.stats.bytes_moved - before
+            rates.append(moved / elapsed)
+    return statistics.median(rates), moved
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, help="image size (default: 256 on CPU, 512 on GPU)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--networks", default="lora,locon,loha")
+    parser.add_argument("--modes", default="auto", help="engine modes for the ramp rows, e.g. auto,merge,bypass")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    size = args.size or (512 if device == "cuda" else 256)
+
+    unet = build_unet(device, dtype)
+    gen = Generation(unet, size, args.steps, args.batch, device, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix="sl-bench-"))
+    networks, layer_counts = {}, {}
+    for kind in args.networks.split(","):
+        layer_counts[kind] = write_network(unet, kind, tmp / f"{kind}.safetensors")
+        networks[kind] = load_network(tmp / f"{kind}.safetensors", name=kind)
+
+    configs = [Config("no LoRA", None, "none")]
+    for kind in networks:
+        configs += [
+            Config(f"{kind}: static", kind, "static"),
+            Config(f"{kind}: step {STEP}", kind, "scheduled", STEP),
+        ]
+        configs += [Config(f"{kind}: ramp {RAMP} [{m}]", kind, "scheduled", RAMP, m) for m in args.modes.split(",")]
+        configs.append(Config(f"{kind}: ramp, re-merge from CPU backup", kind, "reference", RAMP))
+
+    model = torch.nn.ModuleDict({"unet": unet})
+    # One ΔW cache per network, kept between generations as a WebUI adapter keeps it.
+    caches = {kind: DeltaCache(2**40) for kind in networks}
+    extra_memory: dict[str, int] = {}
+
+    def run(config: Config) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        if config.kind == "none":
+            gen()
+        elif config.kind == "static":
+            gen()  # weights were merged before timing (see below)
+        elif config.kind == "scheduled":
+            scheduled = ScheduledNetwork(networks[config.network], te=Schedule.constant(1.0), unet=parse_schedule(config.schedule))
+            cache = caches[config.network]
+            with ScheduledWeights(model, [scheduled], EngineSettings(mode=config.mode), cache=cache) as weights:
+                gen(lambda i: weights.set_position("unet", i, args.steps))
+                extra_memory[config.label] = weights.base_bytes() + (cache.bytes if weights.bypassed_layers() < weights.layers else 0)
+        else:
+            reference = references[config.network]
+            try:
+                gen(lambda i: reference.before_step(i, args.steps))
+            finally:
+                reference.restore()
+        _sync(device)
+        return time.perf_counter() - start
+
+    references = {kind: RemergeFromBackup(unet, net, parse_schedule(RAMP)) for kind, net in networks.items()}
+    for kind, ref in references.items():
+        extra_memory[f"{kind}: ramp, re-merge from CPU backup"] = sum(b.numel() * b.element_size() for b in ref.backup)
+
+    def timed(config: Config) -> float:
+        if config.kind != "static":
+            return run(config)
+        scheduled = ScheduledNetwork(networks[config.network], te=Schedule.constant(1.0), unet=Schedule.constant(1.0))
+        with ScheduledWeights(model, [scheduled], EngineSettings(mode="merge"), cache=caches[config.network]) as weights:
+            weights.set_position("unet", 0, args.steps)
+            return run(config)
+
+    print(f"SD 1.5 UNet, {size}x{size}, batch {args.batch}, {args.steps} steps, {device} {dtype}; "
+          f"layers: {layer_counts}; {args.runs} interleaved runs", flush=True)
+    times: dict[str, list[float]] = {c.label: [] for c in configs}
+    for config in configs:  # warm-up (fills the ΔW cache, as a second generation would find it)
+        timed(config)
+    for r in range(args.runs):
+        for config in configs:
+            times[config.label].append(timed(config))
+        print(f"run {r + 1}/{args.runs} done", flush=True)
+
+    copy_bw = copy_bandwidth(device)
+    update = {kind: update_bandwidth(unet, net, device) for kind, net in networks.items()}
+
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
+    rows = []
+    for config in configs:
+        static = medians.get(f"{config.network}: static", medians["no LoRA"])
+        rows.append({
+            "config": config.label,
+            "median_s": medians[config.label],
+            "spread_s": max(times[config.label]) - min(times[config.label]),
+            "vs_static": medians[config.label] / static,
+            "extra_memory_mb": extra_memory.get(config.label, 0) / 2**20,
+        })
+    print()
+    print("| configuration | s / generation (median) | spread | vs static LoRA | extra memory |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['config']} | {row['median_s']:.3f} | {row['spread_s']:.3f} | "
+              f"{row['vs_static']:.3f}x | {row['extra_memory_mb']:.0f} MB |")
+    print()
+    print(f"plain tensor copy: {copy_bw / 1e9:.2f} GB/s")
+    for kind, (rate, moved) in update.items():
+        print(f"{kind}: full merged update moves {moved / 2**20:.0f} MB at {rate / 1e9:.2f} GB/s "
+              f"= {100 * rate / copy_bw:.0f} % of copy bandwidth")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": device, "size": size, "steps": args.steps, "batch": args.batch, "runs": args.runs,
+            "rows": rows, "copy_bandwidth": copy_bw,
+            "update_bandwidth": {k: {"bytes_per_s": r, "bytes": m} for k, (r, m) in update.items()},
+            "times": times,
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from lib_scheduled_lora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Finding the network files that prompt tags name, without ever leaving the network folders.
+
+Like the WebUI, a tag names a file by its stem (``<lora:wday:...>`` → ``wday.safetensors``
+anywhere below the folder). Names are only ever looked up in an index built by walking the
+folder, never joined onto a path, so ``<lora:../../secret:1>`` cannot reach outside it; symbolic
+links that resolve outside the folder are left out of the index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib_scheduled_lora.errors import ScheduledLoraError
+from lib_scheduled_lora.tags import NetworkTag, find_tags
+
+NETWORK_SUFFIXES = (".safetensors",)
+
+
+class MissingNetworkError(ScheduledLoraError):
+    """A tag names a network that is not in the network folders."""
+
+
+@dataclass(frozen=True)
+class NetworkLibrary:
+    """The network files below one or more folders, by name (file stem)."""
+
+    files: dict[str, Path]
+
+    @classmethod
+    def scan(cls, folders: Iterable[str | os.PathLike]) -> NetworkLibrary:
+        files: dict[str, Path] = {}
+        for folder in folders:
+            root = Path(folder).resolve()
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.suffix.lower() not in NETWORK_SUFFIXES or not path.is_file():
+                    continue
+                real = path.resolve()
+                if not real.is_relative_to(root):
+                    continue  # a link pointing outside the folder
+                files.setdefault(path.stem, real)
+        return cls(files)
+
+    def find(self, name: str, tag_text: str | None = None) -> Path:
+        path = self.files.get(name)
+        if path is None:
+            where = tag_text or f"<lora:{name}>"
+            known = ", ".join(sorted(self.files)[:8]) or "none"
+            raise MissingNetworkError(f"{where}: no network named {name!r} (known: {known})")
+        return path
+
+
+def strip_network_tags(prompt: str) -> str:
+    """The prompt as the text encoder should see it: network tags removed, like the host does."""
+    text = prompt
+    for match in reversed(find_tags(prompt)):
+        text = text[: match.start] + text[match.end :]
+    return " ".join(text.replace(" ,", ",").split()).strip(" ,")
+
+
+def tags_in_prompt(prompt: str) -> list[tuple[str, NetworkTag]]:
+    """(tag text, parsed tag) for every network tag; raises the first syntax error."""
+    out = []
+    for match in find_tags(prompt):
+        if match.error is not None:
+            raise match.error
+        out.append((match.text, match.tag))
+    return out
