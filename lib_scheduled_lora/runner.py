@@ -25,7 +25,7 @@ def scheduled_networks(prompt: str, library: NetworkLibrary, *, hires: bool = Fa
     from lib_scheduled_lora.networks.network import load_network
 
     networks = []
-    for text, tag in tags_in_prompt(prompt):
+    for text, tag in tags_in_prompt(prompt):  # raises the first syntax error
         network = load_network(library.find(tag.name, text), name=tag.name)
         te, unet = tag.schedules(hires)
         networks.append(ScheduledNetwork(network=network, te=te, unet=unet))
@@ -107,6 +107,7 @@ def generate(request: GenerationRequest, *, progress: bool = False) -> Generatio
 
     from lib_scheduled_lora.diffusers_hooks import attach
 
+    tags_in_prompt(request.prompt)  # a malformed tag fails before the model is loaded
     pipe, label, default_dirs = load_pipeline(request.model, request.config)
     library = NetworkLibrary.scan(list(request.lora_dirs) or default_dirs)
     networks = scheduled_networks(request.prompt, library)  # errors before any sampling

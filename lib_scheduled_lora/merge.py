@@ -1,0 +1,466 @@
+"""Baking networks at constant strengths into a model: W' = W + Σ w_k · ΔW_k.
+
+Two levels:
+
+* :func:`merge_networks` — pure: a state dict (names as :mod:`lib_scheduled_lora.naming` reads
+  them) and networks in, the changed tensors and a report out. The WebUI merge tab uses it.
+* :func:`merge_model` — files: a diffusers folder or a single-file ldm/sgm ``.safetensors``
+  checkpoint in, the same layout out, written atomically; the ``merge`` command uses it.
+
+Every changed weight is accumulated in float32 from the original and rounded once to its own
+dtype, so fp16/bf16 checkpoints stay in their dtype and untouched rows of a fused weight (and
+every untouched tensor) keep their exact bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
+from lib_scheduled_lora.naming import ModelIndex, NetworkMapping, map_network, model_index
+from lib_scheduled_lora.networks.base import Network, NetworkModule
+
+# Components of a diffusers pipeline that networks can change, and the names naming.py expects.
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+
+@dataclass
+class NetworkReport:
+    """What became of one network."""
+
+    name: str
+    path: str
+    weight: float
+    matched: int  # modules merged (or, at weight 0, that would have been)
+    unmatched: list[str]
+    unmatched_reasons: list[tuple[str, str]]
+    unrecognised_keys: list[str]  # file keys the loader could not read as any module
+
+    def warning(self) -> str | None:
+        """One line for the console when something of the network was not merged."""
+        parts = []
+        if self.unmatched:
+            key, reason = self.unmatched_reasons[0]
+            parts.append(
+                f"{len(self.unmatched)} layer(s) match nothing in the model (first: {key}: {reason})"
+            )
+        if self.unrecognised_keys:
+            parts.append(
+                f"{len(self.unrecognised_keys)} key(s) are not a known module type "
+                f"(first: {self.unrecognised_keys[0]})"
+            )
+        return f"{self.path}: " + "; ".join(parts) if parts else None
+
+
+@dataclass
+class MergeReport:
+    tensors: dict[str, torch.Tensor]  # new values of every changed parameter; the rest is unchanged
+    networks: list[NetworkReport]
+    family: str
+    layout: str
+
+
+@dataclass
+class _Part:
+    """One network module's contribution to one weight."""
+
+    rows: tuple[int, int] | None
+    module: NetworkModule
+    multiplier: float
+    bias: str | None
+    key: str
+    path: str
+
+
+@dataclass
+class MergePlan:
+    """What to add to which weight: built from names and shapes only, applied file by file."""
+
+    parts: dict[str, list[_Part]]  # weight name -> contributions
+    networks: list[NetworkReport]
+    family: str
+    layout: str
+    biases: set[str] = field(default_factory=set)
+
+    def touches(self, names: Iterable[str]) -> bool:
+        return any(n in self.parts or n in self.biases for n in names)
+
+
+# -- the maths (no files) ------------------------------------------------------------------
+
+
+def plan_merge(
+    param_shapes: Mapping[str, tuple[int, ...]] | ModelIndex,
+    networks: Sequence[tuple[Network, float]],
+    *,
+    strict: bool = False,
+) -> MergePlan:
+    """Map every network onto the model; refuse networks that do not belong to it.
+
+    Raises NetworkFileError (naming the network file) when a network is for another base model,
+    when none of its layers matches, or — with ``strict`` — when any layer is left unmatched.
+    """
+    index = param_shapes if isinstance(param_shapes, ModelIndex) else model_index(param_shapes)
+    parts: dict[str, list[_Part]] = {}
+    biases: set[str] = set()
+    reports = []
+    for network, multiplier in networks:
+        mapping = map_network(network.modules, index)
+        _check_mapping(network, mapping, strict)
+        for target in mapping.targets:
+            part = _Part(target.rows, target.module, float(multiplier), target.bias, target.key, network.path)
+            parts.setdefault(target.weight, []).append(part)
+            if target.bias:
+                biases.add(target.bias)
+        reports.append(
+            NetworkReport(
+                name=network.name,
+                path=network.path,
+                weight=float(multiplier),
+                matched=len(mapping.targets),
+                unmatched=list(mapping.unmatched),
+                unmatched_reasons=list(mapping.unmatched_reasons),
+                unrecognised_keys=list(network.unrecognised_keys),
+            )
+        )
+    return MergePlan(parts, reports, index.family, index.layout, biases)
+
+
+def _check_mapping(network: Network, mapping: NetworkMapping, strict: bool) -> None:
+    if mapping.layout == "unknown":
+        raise NetworkFileError(network.path, "the model has no UNet or text encoder weights to merge into")
+    if mapping.incompatible:
+        raise NetworkFileError(
+            network.path, f"does not fit this {mapping.family} model: {mapping.incompatible}"
+        )
+    if network.modules and not mapping.targets:
+        key, reason = mapping.unmatched_reasons[0]
+        raise NetworkFileError(
+            network.path,
+            f"none of its {len(network.modules)} layers matches this {mapping.family} model "
+            f"(first: {key}: {reason}); is it for another base model?",
+        )
+    if strict and mapping.unmatched:
+        key, reason = mapping.unmatched_reasons[0]
+        raise NetworkFileError(
+            network.path,
+            f"{len(mapping.unmatched)} of its layers match nothing in the model (first: {key}: {reason}); "
+            "--strict refuses to merge it partly",
+        )
+    if strict and network.unrecognised_keys:
+        raise NetworkFileError(
+            network.path,
+            f"{len(network.unrecognised_keys)} of its keys are no known module type "
+            f"(first: {network.unrecognised_keys[0]}); --strict refuses to merge it partly",
+        )
+
+
+def apply_plan(
+    plan: MergePlan,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    progress: bool | str = False,
+) -> dict[str, torch.Tensor]:
+    """New tensors for every planned weight (and bias) present in ``state_dict``; inputs untouched.
+
+    ``progress``: a tqdm bar (its label when a string) if tqdm is installed.
+    """
+    out: dict[str, torch.Tensor] = {}
+    bias_parts: dict[str, list[tuple[_Part, torch.Tensor]]] = {}
+    names = [n for n in plan.parts if n in state_dict]
+    for name in _progress(names, progress):
+        base = state_dict[name]
+        acc: torch.Tensor | None = None
+        for part in plan.parts[name]:
+            if part.multiplier == 0.0:
+                continue
+            region = _rows(base, part.rows)
+            delta = part.module.weight_delta(region)
+            if delta.numel() != region.numel():
+                raise NetworkFileError(
+                    part.path, f"{part.key}: ΔW has shape {list(delta.shape)}, {name} is {list(region.shape)}"
+                )
+            if acc is None:
+                # float() of a float32 tensor is the tensor itself: copy so the input stays intact.
+                acc = base.to(torch.float32, copy=True)
+            target = _rows(acc, part.rows)
+            target.add_(delta.reshape(region.shape).to(target.device), alpha=part.multiplier)
+            if part.bias and part.bias in state_dict:
+                bias_region = _rows(state_dict[part.bias], part.rows)
+                bias_delta = part.module.bias_delta(bias_region)
+                if bias_delta is not None:
+                    bias_parts.setdefault(part.bias, []).append((part, bias_delta))
+        if acc is not None:
+            out[name] = acc.to(base.dtype)  # the single rounding
+    for name, contributions in bias_parts.items():
+        acc = state_dict[name].to(torch.float32, copy=True)
+        for part, delta in contributions:
+            _rows(acc, part.rows).add_(delta.reshape(_rows(acc, part.rows).shape), alpha=part.multiplier)
+        out[name] = acc.to(state_dict[name].dtype)
+    return out
+
+
+def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+
+def merge_networks(
+    state_dict: Mapping[str, torch.Tensor],
+    networks: Sequence[tuple[Network, float]],
+    *,
+    strict: bool = False,
+    progress: bool | str = False,
+) -> MergeReport:
+    """Merge ``networks`` (network, strength) into a whole model's state dict.
+
+    Names are those of a diffusers pipeline (``unet.``/``text_encoder.``/``text_encoder_2.``
+    prefixes) or of a single-file checkpoint. Returns the changed tensors only; ``state_dict``
+    is not modified. Raises NetworkFileError for networks that do not fit (see :func:`plan_merge`).
+    """
+    plan = plan_merge({k: tuple(v.shape) for k, v in state_dict.items()}, networks, strict=strict)
+    tensors = apply_plan(plan, state_dict, progress=progress)
+    return MergeReport(tensors, plan.networks, plan.family, plan.layout)
+
+
+def _progress(items: list, label: bool | str):
+    if not label:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=label if isinstance(label, str) else "merging", unit="layer", leave=False)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    output: str
+    report: MergeReport
+    files_written: list[str]  # weight files rewritten (relative to the output for a folder)
+
+
+def merge_model(
+    model: str | os.PathLike,
+    networks: Sequence[tuple[Network, float]],
+    output: str | os.PathLike,
+    *,
+    force: bool = False,
+    strict: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge into a diffusers folder or a single-file checkpoint, writing ``output`` in the same layout.
+
+    ``output`` appears complete or not at all; an existing one is replaced only with ``force``.
+    Raises ModelFormatError (model/output problems) or NetworkFileError (network problems).
+    """
+    model, output = Path(model), Path(output)
+    if not model.exists():
+        raise ModelFormatError(model, "not found")
+    if output.exists() and not force:
+        raise ModelFormatError(output, "already exists; refusing to overwrite it (use --force to replace it)")
+    if model.is_dir():
+        return _merge_folder(model, networks, output, force=force, strict=strict, progress=progress)
+    return _merge_file(model, networks, output, force=force, strict=strict, progress=progress)
+
+
+def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from lib_scheduled_lora.networks.files import read_safetensors
+
+    try:
+        return read_safetensors(path)
+    except NetworkFileError as exc:
+        raise ModelFormatError(path, exc.problem) from None
+
+
+def _merge_file(model, networks, output, *, force, strict, progress) -> MergeResult:
+    from lib_scheduled_lora.networks.files import write_safetensors_atomic
+
+    state, metadata = _read_model_file(model)
+    index = model_index({k: tuple(v.shape) for k, v in state.items()})
+    if index.layout == "unknown":
+        raise ModelFormatError(
+            model,
+            "not a Stable Diffusion checkpoint: no UNet or text encoder weights "
+            "(for a diffusers model, pass its folder)",
+        )
+    plan = plan_merge(index, networks, strict=strict)
+    changed = apply_plan(plan, state, progress=progress and model.name)
+    merged = {**state, **changed}
+    write_safetensors_atomic(merged, output, metadata, force=force, error=ModelFormatError)
+    report = MergeReport(changed, plan.networks, plan.family, plan.layout)
+    return MergeResult(str(output), report, [output.name])
+
+
+@dataclass
+class _WeightFile:
+    component: str
+    path: Path
+    shapes: dict[str, tuple[int, ...]]  # file key -> shape (header only)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file without reading its data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - any library failure means the file is unusable
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(path, f"cannot read safetensors header: {message}") from None
+
+
+def _variant(path: Path) -> str:
+    """'' for ``model.safetensors`` / shards of it, 'fp16' for ``model.fp16.safetensors``..."""
+    stem = _SHARD.sub("", path.name[: -len(".safetensors")])
+    return stem.partition(".")[2]
+
+
+def _weight_files(model: Path) -> list[_WeightFile]:
+    index_file = model / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFormatError(model, "not a diffusers model folder (no model_index.json)")
+    try:
+        declared = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(index_file, f"unreadable model_index.json ({exc})") from None
+    files = []
+    for component in DIFFUSERS_COMPONENTS:
+        folder = model / component
+        if component not in declared or not folder.is_dir():
+            continue
+        found = sorted(folder.glob("*.safetensors"))
+        if not found and any(folder.glob("*.bin")):
+            raise ModelFormatError(
+                folder,
+                "holds only pickle (.bin) weights; only .safetensors models are merged (convert it first)",
+            )
+        files += [_WeightFile(component, p, _header_shapes(p)) for p in found]
+    if not files:
+        raise ModelFormatError(model, "no UNet or text encoder .safetensors weights in this diffusers folder")
+    return files
+
+
+def _model_shapes(files: list[_WeightFile]) -> dict[str, tuple[int, ...]]:
+    """The parameters of one variant per component (the default one when present): all variants
+    share names and shapes, so mapping once is enough and applies to every file."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component in DIFFUSERS_COMPONENTS:
+        mine = [f for f in files if f.component == component]
+        if not mine:
+            continue
+        variants = sorted({_variant(f.path) for f in mine})
+        chosen = "" if "" in variants else variants[0]
+        for f in mine:
+            if _variant(f.path) == chosen:
+                shapes.update({f"{component}.{k}": s for k, s in f.shapes.items()})
+    return shapes
+
+
+def _merge_folder(model, networks, output, *, force, strict, progress) -> MergeResult:
+    from lib_scheduled_lora.networks.files import write_safetensors_atomic
+
+    files = _weight_files(model)
+    if output.resolve().is_relative_to(model.resolve()) and output.resolve() != model.resolve():
+        raise ModelFormatError(output, f"is inside the model folder {model}; choose another place")
+    plan = plan_merge(_model_shapes(files), networks, strict=strict)
+    rewritten = {f.path: f for f in files if plan.touches(f"{f.component}.{k}" for k in f.shapes)}
+
+    changed_all: dict[str, torch.Tensor] = {}
+    written: list[str] = []
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelFormatError(output, f"folder {str(parent)!r} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    try:
+        for source in sorted(model.rglob("*")):
+            relative = source.relative_to(model)
+            destination = staging / relative
+            if source.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            weight_file = rewritten.get(source)
+            if weight_file is None:
+                shutil.copy2(source, destination)  # byte-identical; follows hub-cache symlinks
+                continue
+            state, metadata = _read_model_file(source)
+            prefix = weight_file.component + "."
+            prefixed = {prefix + k: v for k, v in state.items()}
+            changed = apply_plan(plan, prefixed, progress=progress and str(relative))
+            merged = {**state, **{k[len(prefix) :]: v for k, v in changed.items()}}
+            write_safetensors_atomic(merged, destination, metadata, force=True, error=ModelFormatError)
+            changed_all.update(changed)
+            written.append(str(relative))
+            del state, prefixed, merged
+        _swap_into_place(staging, output, force=force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report = MergeReport(changed_all, plan.networks, plan.family, plan.layout)
+    return MergeResult(str(output), report, written)
+
+
+def _swap_into_place(staging: Path, output: Path, *, force: bool) -> None:
+    """Rename the finished staging folder to ``output``; an old ``output`` is kept until then."""
+    if not output.exists() and not output.is_symlink():
+        try:
+            os.rename(staging, output)
+        except OSError as exc:
+            raise ModelFormatError(output, f"cannot write: {exc.strerror or exc}") from None
+        return
+    if not force:
+        raise ModelFormatError(output, "already exists; refusing to overwrite it (use --force to replace it)")
+    # A folder cannot atomically replace another: move the old one aside, rename, then delete it.
+    aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+    aside.rmdir()
+    try:
+        os.rename(output, aside)
+    except OSError as exc:
+        raise ModelFormatError(output, f"cannot replace: {exc.strerror or exc}") from None
+    try:
+        os.rename(staging, output)
+    except BaseException as exc:
+        os.rename(aside, output)  # put the old one back
+        if isinstance(exc, OSError):
+            raise ModelFormatError(output, f"cannot write: {exc.strerror or exc}") from None
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def load_networks(specs: Sequence[tuple[str, float]]) -> list[tuple[Network, float]]:
+    """Load (file, strength) pairs; NetworkFileError names the first unreadable file."""
+    from lib_scheduled_lora.networks.network import load_network
+
+    return [(load_network(path), weight) for path, weight in specs]
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:W]`` -> (FILE, W); W defaults to 1. A colon not followed by a number is part of FILE
+    (``C:\\loras\\x.safetensors``)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
