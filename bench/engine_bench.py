@@ -16,6 +16,7 @@ plain tensor-copy bandwidth, the physical limit of such an update.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -79,6 +80,7 @@ class Generation:
         self.context = torch.randn(batch, 77, 768, generator=gen).to(device, dtype)
         self.timesteps = torch.linspace(999, 0, steps).tolist()
 
+    @torch.no_grad()
     def __call__(self, before_step: Callable[[int], None] = lambda i: None) -> torch.Tensor:
         x = self.x0
         for i, t in enumerate(self.timesteps):
@@ -133,12 +135,12 @@ def copy_bandwidth(device: str, mb: int = 256, repeats: int = 7) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
-def update_bandwidth(unet, network, device: str, repeats: int = 7) -> tuple[float, int]:
+def update_bandwidth(unet, network, device: str, cache: DeltaCache, repeats: int = 7) -> tuple[float, int]:
     """Bytes per second moved by a full merged update of every targeted layer, and its bytes."""
     model = torch.nn.ModuleDict({"unet": unet})
     scheduled = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=parse_schedule(RAMP))
     steps = repeats + 2
-    with ScheduledWeights(model, [scheduled], EngineSettings(mode="merge", cache_budget_mb=1e6)) as weights:
+    with ScheduledWeights(model, [scheduled], EngineSettings(mode="merge"), cache=cache) as weights:
         weights.set_position("unet", 1, steps)  # first change: copies the originals, builds ΔW
         rates = []
         for i in range(2, steps):
@@ -153,9 +155,81 @@ def update_bandwidth(unet, network, device: str, repeats: int = 7) -> tuple[floa
     return statistics.median(rates), moved
 
 
+def _timed(device: str, gen: Generation, before_step: Callable[[int], None] = lambda i: None) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    gen(before_step)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def bench_network(kind: str, unet, gen: Generation, args, device: str, folder: Path) -> tuple[list[dict], dict]:
+    """Interleaved runs of no LoRA, static, step, ramp and the reference for one network kind.
+
+    Each kind is its own group: its ratios share the machine's state, and its ΔW cache and CPU
+    backups are freed before the next group (together they would not fit in memory).
+    """
+    model = torch.nn.ModuleDict({"unet": unet})
+    layers = write_network(unet, kind, folder / f"{kind}.safetensors")
+    network = load_network(folder / f"{kind}.safetensors", name=kind)
+    reference_label = "ramp, re-merge from CPU backup (loractl)"
+    configs = [
+        Config("no LoRA", None, "none"),
+        Config("static", kind, "static"),
+        Config(f"step {STEP}", kind, "scheduled", STEP),
+        *[Config(f"ramp {RAMP} [{m}]", kind, "scheduled", RAMP, m) for m in args.modes.split(",")],
+        Config(reference_label, kind, "reference", RAMP),
+    ]
+    cache = DeltaCache(2**40)  # kept between generations, as a WebUI adapter keeps it
+    reference = RemergeFromBackup(unet, network, parse_schedule(RAMP))
+    extra_memory = {reference_label: sum(b.numel() * b.element_size() for b in reference.backup)}
+
+    def run(config: Config) -> float:
+        if config.kind == "static":  # merged before timing: the host's steady state
+            constant = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=Schedule.constant(1.0))
+            with ScheduledWeights(model, [constant], EngineSettings(mode="merge"), cache=cache) as weights:
+                weights.set_position("unet", 0, args.steps)
+                return _timed(device, gen)
+        if config.kind == "scheduled":
+            scheduled = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=parse_schedule(config.schedule))
+            with ScheduledWeights(model, [scheduled], EngineSettings(mode=config.mode), cache=cache) as weights:
+                elapsed = _timed(device, gen, lambda i: weights.set_position("unet", i, args.steps))
+                merged = weights.layers - weights.bypassed_layers()
+                extra_memory[config.label] = weights.base_bytes() + (cache.bytes if merged else 0)
+                return elapsed
+        if config.kind == "reference":
+            try:
+                return _timed(device, gen, lambda i: reference.before_step(i, args.steps))
+            finally:
+                reference.restore()
+        return _timed(device, gen)
+
+    print(f"{kind}: {layers} layers", flush=True)
+    for config in configs:  # warm-up: fills the ΔW cache, as the second generation finds it
+        run(config)
+    times: dict[str, list[float]] = {c.label: [] for c in configs}
+    for r in range(args.runs):
+        for config in configs:
+            times[config.label].append(run(config))
+        print(f"  run {r + 1}/{args.runs}: " + ", ".join(f"{v[-1]:.2f}" for v in times.values()), flush=True)
+    static = statistics.median(times["static"])
+    rows = [
+        {
+            "network": kind, "layers": layers, "config": c.label,
+            "median_s": statistics.median(times[c.label]),
+            "spread_s": max(times[c.label]) - min(times[c.label]),
+            "vs_static": statistics.median(times[c.label]) / static,
+            "extra_memory_mb": extra_memory.get(c.label, 0) / 2**20,
+        }
+        for c in configs
+    ]
+    rate, moved = update_bandwidth(unet, network, device, cache)
+    return rows, {"bytes_per_s": rate, "bytes": moved, "times": times}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,101 +249,32 @@ def main(argv: list[str] | None = None) -> int:
 
     unet = build_unet(device, dtype)
     gen = Generation(unet, size, args.steps, args.batch, device, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix="sl-bench-"))
-    networks, layer_counts = {}, {}
-    for kind in args.networks.split(","):
-        layer_counts[kind] = write_network(unet, kind, tmp / f"{kind}.safetensors")
-        networks[kind] = load_network(tmp / f"{kind}.safetensors", name=kind)
-
-    configs = [Config("no LoRA", None, "none")]
-    for kind in networks:
-        configs += [
-            Config(f"{kind}: static", kind, "static"),
-            Config(f"{kind}: step {STEP}", kind, "scheduled", STEP),
-        ]
-        configs += [Config(f"{kind}: ramp {RAMP} [{m}]", kind, "scheduled", RAMP, m) for m in args.modes.split(",")]
-        configs.append(Config(f"{kind}: ramp, re-merge from CPU backup", kind, "reference", RAMP))
-
-    model = torch.nn.ModuleDict({"unet": unet})
-    # One ΔW cache per network, kept between generations as a WebUI adapter keeps it.
-    caches = {kind: DeltaCache(2**40) for kind in networks}
-    extra_memory: dict[str, int] = {}
-
-    def run(config: Config) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        if config.kind == "none":
-            gen()
-        elif config.kind == "static":
-            gen()  # weights were merged before timing (see below)
-        elif config.kind == "scheduled":
-            scheduled = ScheduledNetwork(networks[config.network], te=Schedule.constant(1.0), unet=parse_schedule(config.schedule))
-            cache = caches[config.network]
-            with ScheduledWeights(model, [scheduled], EngineSettings(mode=config.mode), cache=cache) as weights:
-                gen(lambda i: weights.set_position("unet", i, args.steps))
-                extra_memory[config.label] = weights.base_bytes() + (cache.bytes if weights.bypassed_layers() < weights.layers else 0)
-        else:
-            reference = references[config.network]
-            try:
-                gen(lambda i: reference.before_step(i, args.steps))
-            finally:
-                reference.restore()
-        _sync(device)
-        return time.perf_counter() - start
-
-    references = {kind: RemergeFromBackup(unet, net, parse_schedule(RAMP)) for kind, net in networks.items()}
-    for kind, ref in references.items():
-        extra_memory[f"{kind}: ramp, re-merge from CPU backup"] = sum(b.numel() * b.element_size() for b in ref.backup)
-
-    def timed(config: Config) -> float:
-        if config.kind != "static":
-            return run(config)
-        scheduled = ScheduledNetwork(networks[config.network], te=Schedule.constant(1.0), unet=Schedule.constant(1.0))
-        with ScheduledWeights(model, [scheduled], EngineSettings(mode="merge"), cache=caches[config.network]) as weights:
-            weights.set_position("unet", 0, args.steps)
-            return run(config)
-
+    folder = Path(tempfile.mkdtemp(prefix="sl-bench-"))
     print(f"SD 1.5 UNet, {size}x{size}, batch {args.batch}, {args.steps} steps, {device} {dtype}; "
-          f"layers: {layer_counts}; {args.runs} interleaved runs", flush=True)
-    times: dict[str, list[float]] = {c.label: [] for c in configs}
-    for config in configs:  # warm-up (fills the ΔW cache, as a second generation would find it)
-        timed(config)
-    for r in range(args.runs):
-        for config in configs:
-            times[config.label].append(timed(config))
-        print(f"run {r + 1}/{args.runs} done", flush=True)
-
+          f"{args.runs} interleaved runs per network", flush=True)
+    rows, details = [], {}
+    for kind in args.networks.split(","):
+        kind_rows, details[kind] = bench_network(kind, unet, gen, args, device, folder)
+        rows += kind_rows
+        gc.collect()
     copy_bw = copy_bandwidth(device)
-    update = {kind: update_bandwidth(unet, net, device) for kind, net in networks.items()}
 
-    medians = {label: statistics.median(ts) for label, ts in times.items()}
-    rows = []
-    for config in configs:
-        static = medians.get(f"{config.network}: static", medians["no LoRA"])
-        rows.append({
-            "config": config.label,
-            "median_s": medians[config.label],
-            "spread_s": max(times[config.label]) - min(times[config.label]),
-            "vs_static": medians[config.label] / static,
-            "extra_memory_mb": extra_memory.get(config.label, 0) / 2**20,
-        })
     print()
-    print("| configuration | s / generation (median) | spread | vs static LoRA | extra memory |")
-    print("|---|---:|---:|---:|---:|")
+    print("| network | configuration | s / generation (median) | spread | vs static LoRA | extra memory |")
+    print("|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['config']} | {row['median_s']:.3f} | {row['spread_s']:.3f} | "
-              f"{row['vs_static']:.3f}x | {row['extra_memory_mb']:.0f} MB |")
+        print(f"| {row['network']} ({row['layers']} layers) | {row['config']} | {row['median_s']:.2f} | "
+              f"{row['spread_s']:.2f} | {row['vs_static']:.3f}x | {row['extra_memory_mb']:.0f} MB |")
     print()
     print(f"plain tensor copy: {copy_bw / 1e9:.2f} GB/s")
-    for kind, (rate, moved) in update.items():
-        print(f"{kind}: full merged update moves {moved / 2**20:.0f} MB at {rate / 1e9:.2f} GB/s "
+    for kind, detail in details.items():
+        rate = detail["bytes_per_s"]
+        print(f"{kind}: a full merged update moves {detail['bytes'] / 2**20:.0f} MB at {rate / 1e9:.2f} GB/s "
               f"= {100 * rate / copy_bw:.0f} % of copy bandwidth")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": device, "size": size, "steps": args.steps, "batch": args.batch, "runs": args.runs,
-            "rows": rows, "copy_bandwidth": copy_bw,
-            "update_bandwidth": {k: {"bytes_per_s": r, "bytes": m} for k, (r, m) in update.items()},
-            "times": times,
+            "rows": rows, "copy_bandwidth": copy_bw, "details": details,
         }, indent=2))
     return 0
 

@@ -78,22 +78,70 @@ class _Contribution:
 
 @dataclass
 class _Layer:
-    """One weight (or row slice of a fused weight) and everything that writes to it."""
+    """One weight (or row slice of a fused weight) and everything that writes to it.
 
-    weight: torch.Tensor  # the live tensor (a view for row slices)
-    bias: torch.Tensor | None
+    The original values are kept bit for bit. For a whole weight the original *tensor* is the
+    backup: while a network acts on the layer, ``param.data`` points at a second buffer that holds
+    ``round(W + Σ m·ΔW)``, and going back to the base model (a multiplier of 0, or the end of the
+    generation) points it at the original again — no copy, and bit-identical by construction. A
+    row slice of a fused weight (SD 2 / SDXL OpenCLIP q/k/v) cannot be swapped alone, so its rows
+    are cloned and copied back instead.
+    """
+
+    param: nn.Parameter
+    rows: tuple[int, int] | None
+    bias_param: nn.Parameter | None
     module: nn.Module | None  # for bypass hooks; None for row slices
     component: str
     parts: list[_Contribution] = field(default_factory=list)
-    # Bit-exact copies of the original values, taken just before the first write (a layer that
-    # is only bypassed, or whose multipliers stay 0, never costs the memory).
-    base: torch.Tensor | None = None
+    base: torch.Tensor | None = None  # the original values (taken at the first write)
     base_bias: torch.Tensor | None = None
+    spare: torch.Tensor | None = None  # the buffer that holds merged values (whole weights)
+    on_spare: bool = False  # param.data points at ``spare`` (``param.data`` is a new object per access)
 
-    def keep_originals(self) -> None:
+    @property
+    def weight(self) -> torch.Tensor:
+        """The live values (what the model computes with)."""
+        data = self.param.data
+        return data if self.rows is None else data[self.rows[0] : self.rows[1]]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.bias_param is None:
+            return None
+        data = self.bias_param.data
+        return data if self.rows is None else data[self.rows[0] : self.rows[1]]
+
+    def writable(self) -> torch.Tensor:
+        """The tensor to write merged values into, keeping the originals first."""
         if self.base is None:
-            self.base = self.weight.clone()
             self.base_bias = None if self.bias is None else self.bias.clone()
+            if self.rows is not None:
+                self.base = self.weight.clone()
+            else:
+                self.base = self.param.data
+        if self.rows is None and not self.on_spare:
+            if self.spare is None:
+                self.spare = torch.empty_like(self.base)
+            self.param.data = self.spare
+            self.on_spare = True
+        return self.weight
+
+    def back_to_base(self) -> None:
+        """Every multiplier is 0 (or the generation ended): the original values, exactly."""
+        if self.base is None:
+            return
+        if self.rows is None:
+            self.param.data = self.base
+            self.on_spare = False
+        else:
+            self.weight.copy_(self.base)
+        if self.bias is not None and self.base_bias is not None:
+            self.bias.copy_(self.base_bias)
+
+    def release(self) -> None:
+        self.back_to_base()
+        self.base = self.base_bias = self.spare = None
 
 
 @dataclass
@@ -162,16 +210,11 @@ class ScheduledWeights:
         layer = self._layers.get(key)
         if layer is not None:
             return layer
-        weight = params[target.weight].data
-        bias = params[target.bias].data if target.bias else None
-        if target.rows is not None:
-            lo, hi = target.rows
-            weight = weight[lo:hi]
-            bias = None if bias is None else bias[lo:hi]
         module_name = target.weight.rpartition(".")[0]
         layer = _Layer(
-            weight=weight,
-            bias=bias,
+            param=params[target.weight],
+            rows=target.rows,
+            bias_param=params[target.bias] if target.bias else None,
             module=modules.get(module_name) if target.rows is None else None,
             component=target.component,
         )
@@ -215,12 +258,7 @@ class ScheduledWeights:
         self._hooks.clear()
         with torch.no_grad():
             for layer in self._layers.values():
-                if layer.base is None:
-                    continue
-                layer.weight.copy_(layer.base)
-                if layer.bias is not None:
-                    layer.bias.copy_(layer.base_bias)
-                layer.base = layer.base_bias = None
+                layer.release()
         for layer in self._layers.values():
             for part in layer.parts:
                 part.delta = part.bias_delta = None
@@ -265,13 +303,16 @@ class ScheduledWeights:
             for part in layer.parts
             if not part.bypass and self.multiplier(part.net, layer.component) != 0.0
         ]
-        layer.keep_originals()
+        self.stats.layer_updates += 1
+        if not merged:
+            layer.back_to_base()
+            return
+        out = layer.writable()
         deltas = [(m, self._delta(layer, part)) for m, part in merged]
-        _combine_into(layer.weight, layer.base, deltas)
+        _combine_into(out, layer.base, deltas)
         if layer.bias is not None:
             _combine_into(layer.bias, layer.base_bias, [(m, p.bias_delta) for m, p in merged if p.bias_delta is not None])
-        self.stats.layer_updates += 1
-        self.stats.bytes_moved += _nbytes(layer.weight) * 2 + sum(_nbytes(d) for _, d in deltas)
+        self.stats.bytes_moved += _nbytes(out) * 2 + sum(_nbytes(d) for _, d in deltas)
 
     def _delta(self, layer: _Layer, part: _Contribution) -> torch.Tensor:
         if part.delta is not None:
@@ -303,8 +344,12 @@ class ScheduledWeights:
         return sum(any(p.bypass for p in layer.parts) for layer in self._layers.values())
 
     def base_bytes(self) -> int:
-        """Memory held by the exact copies of the original weights."""
-        return sum(_nbytes(t) for layer in self._layers.values() for t in (layer.base, layer.base_bias) if t is not None)
+        """Extra memory for keeping the originals: merge buffers, cloned rows and biases."""
+        extra = 0
+        for layer in self._layers.values():
+            for t in (layer.spare, layer.base_bias, layer.base if layer.rows is not None else None):
+                extra += 0 if t is None else _nbytes(t)
+        return extra
 
     def iter_targets(self) -> Iterator[Target]:
         for layer in self._layers.values():
