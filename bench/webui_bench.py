@@ -1,0 +1,106 @@
+"""In-host benchmark: scheduled LoRA vs static LoRA vs loractl, through a running WebUI's API.
+
+    WEBUI_PATH=/work/webui python bench/webui_bench.py --url http://127.0.0.1:7861 [--runs 5] [--steps 20]
+
+Cases (each for the LoRA and the LoCon written by lib_scheduled_lora.host.fixtures): no LoRA,
+static ``<lora:x:1>`` (the host's builtin), step schedule ``0@0.3:1``, ramp ``0@0,1@1`` (ours),
+and loractl's ramp/step (``0@0,1@1`` and ``0@0,0@0.29,1@0.3``) when loractl is installed (our
+extension off for those runs via alwayson_scripts, loractl's off for ours). Runs are interleaved
+(round-robin over cases) and the median of ``--runs`` is reported, with ratios to static.
+Not a test: prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def post(url, path, payload):
+    req = urllib.request.Request(
+        url + path, json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=1800) as r:
+        return json.loads(r.read())
+
+
+def get(url, path):
+    with urllib.request.urlopen(url + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default=os.environ.get("WEBUI_URL", "http://127.0.0.1:7861"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=256)
+    args = ap.parse_args()
+    url = args.url.rstrip("/")
+    webui_path = os.environ.get("WEBUI_PATH")
+    if webui_path:
+        from lib_scheduled_lora.host.fixtures import make_networks
+
+        models = get(url, "/sdapi/v1/sd-models")
+        make_networks(models[0]["filename"], Path(webui_path) / "models" / "Lora")
+        post(url, "/sdapi/v1/refresh-loras", {})
+    scripts = get(url, "/sdapi/v1/scripts")
+    have_loractl = "dynamic lora weights" in [s.lower() for s in scripts.get("txt2img", [])]
+    ours_on = {"scheduled lora": {"args": [True]}}
+    ours_off = {"scheduled lora": {"args": [False]}}
+    if have_loractl:
+        ours_on["dynamic lora weights"] = {"args": [False, False]}
+        ours_off["dynamic lora weights"] = {"args": [True, False]}
+    cases = [("no LoRA", "", "-", ours_on)]
+    for net in ("sl_lora", "sl_locon"):
+        cases += [
+            ("static", f"<lora:{net}:1>", net, ours_on),
+            ("step 0@0.3:1", f"<lora:{net}:0@0.3:1>", net, ours_on),
+            ("ramp 0@0,1@1", f"<lora:{net}:0@0,1@1>", net, ours_on),
+        ]
+        if have_loractl:
+            cases += [
+                ("loractl step", f"<lora:{net}:0@0,0@0.29,1@0.3>", net, ours_off),
+                ("loractl ramp", f"<lora:{net}:0@0,1@1>", net, ours_off),
+            ]
+    times: dict[tuple[str, str], list[float]] = {}
+    base = dict(
+        negative_prompt="",
+        seed=1,
+        steps=args.steps,
+        width=args.size,
+        height=args.size,
+        sampler_name="Euler",
+        save_images=False,
+        send_images=False,
+    )
+    for _label, tag, _net, scripts_args in cases:  # warm-up
+        post(
+            url,
+            "/sdapi/v1/txt2img",
+            dict(base, prompt=f"a cat {tag}", alwayson_scripts=scripts_args, steps=2),
+        )
+    for _ in range(args.runs):
+        for label, tag, net, scripts_args in cases:
+            start = time.perf_counter()
+            post(url, "/sdapi/v1/txt2img", dict(base, prompt=f"a cat {tag}", alwayson_scripts=scripts_args))
+            times.setdefault((net, label), []).append(time.perf_counter() - start)
+    print(f"| network | case | median s ({args.runs} runs, {args.steps} steps, {args.size}px) | × static |")
+    print("| --- | --- | --- | --- |")
+    for (net, label), values in times.items():
+        med = statistics.median(values)
+        static = times.get((net, "static"))
+        ratio = f"{med / statistics.median(static):.3f}" if static else "-"
+        print(f"| {net} | {label} | {med:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""AUTOMATIC1111 WebUI v1.10: the adapter logic, against duck-typed host objects.
+
+``scripts/scheduled_lora.py`` imports the host's modules and hands them to :class:`A1111Host` and
+:class:`A1111Integration`; everything here is exercised without a WebUI by
+``tests/test_host_a1111.py``, which replays the host's call order (``process_images_inner``).
+
+Per generation (``p``), in the host's order:
+
+1. ``Script.process`` -> :meth:`A1111Integration.begin`: wraps the host's ``lora`` handler (and its
+   ``lyco`` alias) so that scheduled tags never reach the builtin's ``float()``, and sets instance
+   wrappers on ``p`` (a shallow copy per XYZ cell gets its own at its own ``process``):
+   ``p.init`` validates every prompt's tags (raising stops the job before sampling: script hooks
+   swallow exceptions, ``p.init`` does not), ``p.cached_params`` adds our switch to the cond cache
+   key, ``p.get_conds_with_caching`` runs the host's text-encoder call inside
+   :meth:`Runtime.conditioning` (te schedules, per pass: ``hires_steps`` is set for the hires conds).
+2. ``process_before_every_sampling`` (first pass, hires pass, img2img) -> :meth:`before_sampling`:
+   wraps the fresh sampler's ``func`` (the k-diffusion/timestep function the host calls inside
+   ``launch_sampling``). The wrapper reads the pass's exact noise grid from the call's arguments,
+   opens :meth:`Runtime.sampling_pass` and closes it in ``finally``: weights are restored when the
+   pass ends, raises, or is interrupted, and before the host re-activates networks for hires.
+3. ``on_cfg_denoiser`` -> :meth:`on_cfg_denoiser`: the pass's session places the evaluation by
+   ``params.sigma`` (a sigma, or a timestep for DDIM/PLMS) and updates the UNet.
+4. ``postprocess`` -> :meth:`finish`: a guard restore (normally a no-op) and the optional plot.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib_scheduled_lora.engine import EngineSettings
+from lib_scheduled_lora.host.plan import (
+    batch_warning,
+    is_ours,
+    scheduled_tags,
+    split_params,
+    validate_prompts,
+)
+from lib_scheduled_lora.host.positions import PassGrid, grid_for_call
+from lib_scheduled_lora.host.session import Evaluation, Runtime
+
+log = logging.getLogger("scheduled_lora")
+
+MODES = ("auto", "merge", "bypass")
+DEFAULT_MODE = "auto"
+DEFAULT_CACHE_MB = 2048
+INFOTEXT_ENABLED = "Scheduled LoRA"
+INFOTEXT_MODE = "Scheduled LoRA mode"
+STATE_ATTR = "scheduled_lora_state"
+ORIGINAL_ATTR = "_scheduled_lora_original"
+
+
+def _patched_types() -> tuple[type, ...]:
+    import torch
+
+    return (
+        torch.nn.Linear,
+        torch.nn.Conv2d,
+        torch.nn.GroupNorm,
+        torch.nn.LayerNorm,
+        torch.nn.MultiheadAttention,
+    )
+
+
+class A1111Host:
+    """:class:`~lib_scheduled_lora.host.session.HostAdapter` for A1111 (``shared`` = modules.shared;
+    the builtin Lora extension's ``networks`` module is looked up in ``sys.modules``)."""
+
+    def __init__(self, shared: Any, networks: Callable[[], Any] | None = None):
+        self.shared = shared
+        self._networks = networks or (lambda: sys.modules.get("networks"))
+
+    @property
+    def networks(self) -> Any:
+        return self._networks()
+
+    def model(self):
+        return self.shared.sd_model
+
+    def model_key(self) -> object:
+        model = self.shared.sd_model
+        info = getattr(model, "sd_checkpoint_info", None)
+        return (id(model), getattr(info, "filename", None))
+
+    def find_network_file(self, name: str) -> str | None:
+        nets = self.networks
+        if nets is None:
+            return None
+        entry = nets.available_network_aliases.get(name)
+        if entry is None:
+            nets.list_available_networks()  # as the builtin does before giving up on a name
+            entry = nets.available_network_aliases.get(name)
+        return None if entry is None else entry.filename
+
+    def settle(self, model) -> None:
+        """Let the builtin Lora finish with every layer before we copy weights.
+
+        It applies its networks lazily in each layer's forward and, when its set changed, first
+        restores the layer from its CPU backup (taking that backup on first use). Doing that now
+        means its backups hold the original weights, never ours, and that it finds nothing to
+        change while we sample. With ``lora_functional`` it instead restores from its backup in
+        every forward: restoring and dropping those backups now makes that a no-op.
+        """
+        nets = self.networks
+        if nets is None:
+            return
+        functional = bool(getattr(self.shared.opts, "lora_functional", False))
+        types = _patched_types()
+        for module in model.modules():
+            if getattr(module, "network_layer_name", None) is None or not isinstance(module, types):
+                continue
+            if functional:
+                nets.network_restore_weights_from_backup(module)
+                nets.network_reset_cached_weight(module)
+            else:
+                nets.network_apply_weights(module)
+
+    def settings(self) -> EngineSettings:
+        opts = self.shared.opts
+        mode = getattr(opts, "scheduled_lora_mode", DEFAULT_MODE)
+        budget = getattr(opts, "scheduled_lora_cache_mb", DEFAULT_CACHE_MB)
+        return EngineSettings(mode=mode if mode in MODES else DEFAULT_MODE, cache_budget_mb=float(budget))
+
+
+class ScheduledExtraNetwork:
+    """Stands in for the host's ``lora`` handler: plain tags go to it unchanged (the very same
+    params objects), scheduled ones are taken out (our engine applies them), so that the builtin
+    never sees a schedule. With the accordion's switch off, everything is passed on unchanged
+    to a handler that is not the builtin (e.g. loractl's), or scheduled tags are dropped with a
+    comment when it is the builtin (it would fail on them)."""
+
+    _scheduled_lora_wrapper = True
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.name = inner.name
+
+    def activate(self, p, params_list):
+        state = getattr(p, STATE_ATTR, None)
+        enabled = state.enabled if state is not None else True
+        if not enabled and type(self.inner).__name__ != "ExtraNetworkLora":
+            return self.inner.activate(p, params_list)
+        split = split_params("lora", params_list, enabled)
+        if split.ignored and state is not None:
+            state.ignored.extend(t for t in split.ignored if t not in state.ignored)
+        return self.inner.activate(p, split.host)
+
+    def deactivate(self, p):
+        return self.inner.deactivate(p)
+
+    def __getattr__(self, item):
+        if item == "inner":
+            raise AttributeError(item)
+        return getattr(self.inner, item)
+
+
+def install_extra_network_wrapper(extra_networks: Any) -> ScheduledExtraNetwork | None:
+    """Wrap the registered ``lora`` handler (and every alias pointing at it); idempotent."""
+    registry, aliases = extra_networks.extra_network_registry, extra_networks.extra_network_aliases
+    inner = registry.get("lora")
+    if inner is None:
+        return None
+    if getattr(inner, "_scheduled_lora_wrapper", False):
+        wrapper = inner
+        inner = wrapper.inner
+    else:
+        wrapper = ScheduledExtraNetwork(inner)
+        registry["lora"] = wrapper
+    for alias, handler in list(aliases.items()):
+        if handler is inner:
+            aliases[alias] = wrapper
+    return wrapper
+
+
+@dataclass
+class PassRecord:
+    hires: bool
+    grid: PassGrid
+    tags: list
+
+
+@dataclass
+class GenerationState:
+    """What we keep on ``p`` (as ``p.scheduled_lora_state``)."""
+
+    enabled: bool = True
+    validated: bool = False
+    ignored: list[str] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    trace: list[Evaluation] = field(default_factory=list)
+    warned_batches: set = field(default_factory=set)
+
+
+def _unwrapped(method: Any) -> Any:
+    return getattr(method, ORIGINAL_ATTR, method)
+
+
+def _set_wrapper(p: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Install ``make(original)`` as ``p.<name>``. ``original`` is the class's method bound to
+    this ``p`` (or another extension's wrapper); our own wrapper from a copied ``p`` (XYZ cells
+    are shallow copies) is replaced, never stacked."""
+    current = p.__dict__.get(name)
+    if current is None or getattr(current, ORIGINAL_ATTR, None) is not None:
+        original = getattr(type(p), name).__get__(p, type(p))
+    else:
+        original = current
+    wrapper = make(original)
+    setattr(wrapper, ORIGINAL_ATTR, original)
+    setattr(p, name, wrapper)
+
+
+class A1111Integration:
+    def __init__(self, runtime: Runtime, extra_networks: Any):
+        self.runtime = runtime
+        self.extra_networks = extra_networks
+
+    @property
+    def host(self) -> A1111Host:
+        return self.runtime.host  # type: ignore[return-value]
+
+    # -- 1. process ---------------------------------------------------------------------------
+
+    def begin(self, p: Any, enabled: bool) -> GenerationState:
+        leftovers = self.runtime.restore_all()
+        if leftovers:
+            log.warning("Scheduled LoRA: restored %d engine(s) left open by an earlier generation", leftovers)
+        install_extra_network_wrapper(self.extra_networks)
+        state = GenerationState(enabled=bool(enabled))
+        setattr(p, STATE_ATTR, state)
+        prompts = self._all_prompts(p)
+        from lib_scheduled_lora.tags import find_tags
+
+        has_ours = any(m.tag is None or is_ours(m.tag) for prompt in prompts for m in find_tags(prompt or ""))
+        if has_ours:
+            if not state.enabled:
+                p.extra_generation_params[INFOTEXT_ENABLED] = "off"
+            mode = self.host.settings().mode
+            if state.enabled and mode != DEFAULT_MODE:
+                p.extra_generation_params[INFOTEXT_MODE] = mode
+        _set_wrapper(p, "init", lambda original: functools.partial(self._init, p, original))
+        _set_wrapper(p, "cached_params", lambda original: functools.partial(self._cached_params, p, original))
+        _set_wrapper(
+            p,
+            "get_conds_with_caching",
+            lambda original: functools.partial(self._get_conds_with_caching, p, original),
+        )
+        return state
+
+    @staticmethod
+    def _all_prompts(p: Any) -> list[str]:
+        prompts = list(getattr(p, "all_prompts", None) or [])
+        if not prompts:
+            prompt = getattr(p, "prompt", "")
+            prompts = list(prompt) if isinstance(prompt, list) else [prompt]
+        if getattr(p, "enable_hr", False):
+            prompts += [x for x in (getattr(p, "all_hr_prompts", None) or []) if x not in prompts]
+        return prompts
+
+    def _init(self, p: Any, original: Callable, *args, **kwargs):
+        state: GenerationState = getattr(p, STATE_ATTR)
+        if state.enabled and not state.validated:
+            validate_prompts(self._all_prompts(p), self.host.find_network_file)  # raises: job stops here
+            state.validated = True
+        return original(*args, **kwargs)
+
+    def _cached_params(self, p: Any, original: Callable, *args, **kwargs):
+        state: GenerationState = getattr(p, STATE_ATTR)
+        return (original(*args, **kwargs), ("scheduled_lora", state.enabled))
+
+    def _get_conds_with_caching(
+        self,
+        p: Any,
+        original: Callable,
+        function,
+        required_prompts,
+        steps,
+        caches,
+        extra_network_data,
+        hires_steps=None,
+    ):
+        state: GenerationState = getattr(p, STATE_ATTR)
+        tags = scheduled_tags(extra_network_data) if state.enabled else []
+        if not tags:
+            return original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
+        hires = hires_steps is not None
+
+        @functools.wraps(function)
+        def scheduled_function(*args, **kwargs):
+            with self.runtime.conditioning(tags, hires, steps):
+                return function(*args, **kwargs)
+
+        return original(scheduled_function, required_prompts, steps, caches, extra_network_data, hires_steps)
+
+    # -- per batch ----------------------------------------------------------------------------
+
+    def before_batch(self, p: Any, prompts: list[str]) -> None:
+        state: GenerationState | None = getattr(p, STATE_ATTR, None)
+        if state is None or not state.enabled:
+            return
+        message = batch_warning(list(prompts))
+        if message and getattr(p, "iteration", 0) not in state.warned_batches:
+            state.warned_batches.add(getattr(p, "iteration", 0))
+            log.warning(message)
+            comment = getattr(p, "comment", None)
+            if callable(comment):
+                comment(message)
+
+    # -- 2. every sampling pass ---------------------------------------------------------------
+
+    def before_sampling(self, p: Any) -> None:
+        state: GenerationState | None = getattr(p, STATE_ATTR, None)
+        if state is None or not state.enabled:
+            return
+        hires = bool(getattr(p, "is_hr_pass", False))
+        data = getattr(p, "hr_extra_network_data", None) if hires else getattr(p, "extra_network_data", None)
+        tags = scheduled_tags(data)
+        sampler = getattr(p, "sampler", None)
+        if not tags or sampler is None:
+            return
+        original = _unwrapped(sampler.func)
+        runtime = self.runtime
+
+        @functools.wraps(original)
+        def func(model, x, *args, **kwargs):
+            launch = getattr(getattr(sampler, "model_wrap_cfg", None), "steps", None)
+            grid = grid_for_call(kwargs, launch, getattr(original, "__name__", ""))
+            state.passes.append(PassRecord(hires, grid, tags))
+            with runtime.sampling_pass(tags, hires, grid, state.trace) as session:
+                session.owner = sampler
+                return original(model, x, *args, **kwargs)
+
+        setattr(func, ORIGINAL_ATTR, original)
+        sampler.func = func
+
+    # -- 3. every evaluation ------------------------------------------------------------------
+
+    def on_cfg_denoiser(self, params: Any) -> None:
+        session = self.runtime.current
+        if session is None:
+            return
+        denoiser = getattr(params, "denoiser", None)
+        owner = getattr(session, "owner", None)
+        if owner is not None and getattr(denoiser, "sampler", owner) is not owner:
+            return
+        sigma = getattr(params, "sigma", None)
+        noise = None
+        if sigma is not None:
+            noise = float(sigma.reshape(-1)[0]) if hasattr(sigma, "reshape") else float(sigma)
+        session.evaluate(noise)
+
+    # -- 4. the end ---------------------------------------------------------------------------
+
+    def finish(self, p: Any) -> GenerationState | None:
+        leftovers = self.runtime.restore_all()
+        if leftovers:
+            log.warning("Scheduled LoRA: restored %d engine(s) at the end of the generation", leftovers)
+        state: GenerationState | None = getattr(p, STATE_ATTR, None)
+        if state is not None and state.ignored:
+            log.warning("Scheduled LoRA is off for this generation; ignored %s", " ".join(state.ignored))
+        return state
+
+
+def plot_passes(state: GenerationState):
+    """The multiplier plot of a generation (None when nothing was scheduled)."""
+    from lib_scheduled_lora.host.plot import plot_multipliers
+
+    if not state.passes:
+        return None
+    panels = []
+    for hires in (False, True):
+        records = [r for r in state.passes if r.hires == hires]
+        if not records:
+            continue
+        evaluations = [e for e in state.trace if e.hires == hires]
+        steps = records[0].grid.steps
+        series: dict[str, list[tuple[float, float]]] = {}
+        # One batch's evaluations are enough: later batches repeat the same positions.
+        per_batch = len(evaluations) // max(1, len(records))
+        for e in evaluations[: per_batch or len(evaluations)]:
+            for name, m in e.multipliers.items():
+                series.setdefault(name, []).append((e.position, m))
+        title = f"{'hires pass' if hires else 'first pass'}: UNet multiplier per evaluation ({steps} steps)"
+        panels.append((title, steps, series))
+    return plot_multipliers(panels)

@@ -1,0 +1,210 @@
+"""The host interface, and the runtime that scopes the weight engine to single host calls.
+
+A host adapter (A1111 now; SD.Next and Forge next) provides a :class:`HostAdapter`. The runtime
+then gives it two scopes, each of which restores every weight it wrote when it exits (normally,
+on an exception, or on an interrupt), so weights are only ever modified *inside* one host call:
+
+* :meth:`Runtime.conditioning` around the host's text-encoder call of one pass: the ``te``
+  schedules at step 0 of that pass;
+* :meth:`Runtime.sampling_pass` around one sampler run: a :class:`PassSession` whose
+  :meth:`~PassSession.evaluate` is called before every model evaluation with its noise level.
+
+Before either scope copies any weight, :meth:`HostAdapter.settle` makes the host's own LoRA state
+final (A1111 applies its networks lazily inside each layer's forward and restores from its own
+CPU backups whenever its set of networks changes): the host's backups then never see our writes,
+and our copies include the host's plain networks, which stay in place when we restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import nn
+
+from lib_scheduled_lora.delta_cache import DeltaCache
+from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
+from lib_scheduled_lora.host.positions import PassGrid
+from lib_scheduled_lora.library import MissingNetworkError
+from lib_scheduled_lora.networks.base import Network
+from lib_scheduled_lora.networks.network import load_network
+from lib_scheduled_lora.tags import NetworkTag
+
+log = logging.getLogger("scheduled_lora")
+
+
+class HostAdapter(Protocol):
+    """What a host must provide. Small on purpose: SD.Next and Forge implement the same five."""
+
+    def model(self) -> nn.Module:
+        """The module whose ``named_parameters()`` the engine binds (A1111: ``shared.sd_model``)."""
+
+    def find_network_file(self, name: str) -> str | None:
+        """The file the host's own index gives for a tag's name or alias, or None."""
+
+    def settle(self, model: nn.Module) -> None:
+        """Make the host's own network weights final before we copy any weight (may be a no-op)."""
+
+    def settings(self) -> EngineSettings:
+        """The user's engine settings (mode, ΔW cache budget)."""
+
+    def model_key(self) -> object:
+        """Changes when the loaded model changes (the ΔW cache is cleared then)."""
+
+
+@dataclass
+class Evaluation:
+    """One model evaluation, for the plot, logs and tests."""
+
+    hires: bool
+    noise: float | None
+    position: float
+    multipliers: dict[str, float]
+
+
+class PassSession:
+    """One sampling pass: an engine at the pass's UNet schedules and the pass's grid."""
+
+    owner: object = None  # the host's sampler object this pass belongs to (set by the adapter)
+
+    def __init__(self, weights: ScheduledWeights, grid: PassGrid, hires: bool, trace: list[Evaluation]):
+        self.weights = weights
+        self.grid = grid
+        self.hires = hires
+        self.trace = trace
+        self.evaluations = 0
+
+    def evaluate(self, noise: float | None) -> float:
+        """Bring the UNet to the schedules' values for an evaluation at ``noise``; returns its
+        fractional step index."""
+        position = self.grid.position(noise, self.evaluations)
+        self.evaluations += 1
+        self.weights.set_position("unet", position, self.grid.steps)
+        self.trace.append(Evaluation(self.hires, noise, position, self.weights.multipliers("unet")))
+        return position
+
+
+@dataclass
+class _Loaded:
+    network: Network
+    stamp: tuple[int, int]
+
+
+@dataclass
+class Runtime:
+    """Process-wide state of one host integration: loaded networks, the ΔW cache, open scopes."""
+
+    host: HostAdapter
+    max_networks: int = 16
+    cache: DeltaCache = field(default_factory=lambda: DeltaCache(0))
+    _networks: OrderedDict[str, _Loaded] = field(default_factory=OrderedDict)
+    _open: list[ScheduledWeights] = field(default_factory=list)
+    _model_key: object = None
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    current: PassSession | None = None
+
+    # -- networks -------------------------------------------------------------------------------
+
+    def network(self, tag: NetworkTag) -> Network:
+        path = self.host.find_network_file(tag.name)
+        if path is None:
+            raise MissingNetworkError(f"{tag.format()}: no network named {tag.name!r} in the Lora folders")
+        stat = os.stat(path)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        loaded = self._networks.get(path)
+        if loaded is None or loaded.stamp != stamp:
+            loaded = _Loaded(load_network(path, name=tag.name), stamp)
+            self._networks[path] = loaded
+            while len(self._networks) > self.max_networks:
+                self._networks.popitem(last=False)
+        self._networks.move_to_end(path)
+        return loaded.network
+
+    def scheduled(self, tags: Sequence[NetworkTag], hires: bool) -> list[ScheduledNetwork]:
+        out = []
+        for tag in tags:
+            te, unet = tag.schedules(hires)
+            if tag.dyn is not None:
+                log.warning("%s: dyn= (rank limit) is not applied to scheduled networks", tag.format())
+            out.append(ScheduledNetwork(self.network(tag), te, unet))
+        return out
+
+    # -- engines --------------------------------------------------------------------------------
+
+    def _engine(self, networks: Sequence[ScheduledNetwork]) -> ScheduledWeights:
+        settings = self.host.settings()
+        key = self.host.model_key()
+        if key != self._model_key:
+            self.cache.clear()
+            self._model_key = key
+        self.cache.budget_bytes = int(settings.cache_budget_mb * 2**20)
+        model = self.host.model()
+        self.host.settle(model)
+        weights = ScheduledWeights(model, networks, settings, cache=self.cache)
+        self._open.append(weights)
+        return weights
+
+    def _close(self, weights: ScheduledWeights) -> None:
+        try:
+            weights.restore()
+        finally:
+            if weights in self._open:
+                self._open.remove(weights)
+
+    @contextlib.contextmanager
+    def conditioning(
+        self, tags: Sequence[NetworkTag], hires: bool, steps: int
+    ) -> Iterator[ScheduledWeights | None]:
+        """The text encoders at the tags' ``te`` schedules (step 0 of the pass) for one host
+        conditioning call; restored on exit."""
+        networks = [n for n in self.scheduled(tags, hires)] if tags else []
+        if not networks:
+            yield None
+            return
+        with self._lock:
+            weights = self._engine(networks)
+            try:
+                weights.set_position("te", 0, max(1, steps))
+                yield weights
+            finally:
+                self._close(weights)
+
+    @contextlib.contextmanager
+    def sampling_pass(
+        self, tags: Sequence[NetworkTag], hires: bool, grid: PassGrid, trace: list[Evaluation]
+    ) -> Iterator[PassSession | None]:
+        """An engine for one sampler run; :attr:`current` is its session while it runs."""
+        networks = self.scheduled(tags, hires) if tags else []
+        if not networks:
+            yield None
+            return
+        with self._lock:
+            weights = self._engine(networks)
+            session = PassSession(weights, grid, hires, trace)
+            previous, self.current = self.current, session
+            try:
+                yield session
+            finally:
+                self.current = previous
+                self._close(weights)
+
+    def restore_all(self) -> int:
+        """Restore every engine still open (a guard; the scopes already restore). Returns how many."""
+        count = 0
+        while self._open:
+            self._close(self._open[-1])
+            count += 1
+        self.current = None
+        return count
+
+    def clear(self) -> None:
+        """Forget cached ΔW and networks (the model changed)."""
+        self.restore_all()
+        self.cache.clear()
+        self._networks.clear()

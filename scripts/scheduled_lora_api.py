@@ -1,0 +1,38 @@
+"""GET /scheduled-lora/v1/info: version, settings, and the XYZ axis indices (for API callers that
+build ``script_args`` for the "x/y/z plot" script)."""
+
+from __future__ import annotations
+
+from modules import script_callbacks, scripts, shared
+
+import lib_scheduled_lora
+from lib_scheduled_lora.host import a1111, xyz
+
+
+def _axes(is_img2img: bool) -> dict[str, int]:
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "xyz_grid") and hasattr(
+            data.module, "axis_options"
+        ):
+            module = data.module
+            options = [
+                x
+                for x in module.axis_options
+                if type(x) is module.AxisOption or getattr(x, "is_img2img", None) == is_img2img
+            ]
+            return {x.label: i for i, x in enumerate(options) if x.label in xyz.AXES}
+    return {}
+
+
+def on_app_started(demo, app):
+    @app.get("/scheduled-lora/v1/info")
+    def info():
+        return {
+            "version": lib_scheduled_lora.__version__,
+            "mode": getattr(shared.opts, "scheduled_lora_mode", a1111.DEFAULT_MODE),
+            "cache_mb": getattr(shared.opts, "scheduled_lora_cache_mb", a1111.DEFAULT_CACHE_MB),
+            "xyz_axes": {"txt2img": _axes(False), "img2img": _axes(True)},
+        }
+
+
+script_callbacks.on_app_started(on_app_started)

@@ -1,0 +1,48 @@
+"""XYZ grid axes for scheduled LoRA (registered into the loaded ``xyz_grid.py`` before the UI is
+built). The value handling is in ``lib_scheduled_lora.host.xyz``."""
+
+from __future__ import annotations
+
+from modules import script_callbacks, scripts
+
+from lib_scheduled_lora.host import xyz
+
+
+def _xyz_module():
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "xyz_grid") and hasattr(data.module, "AxisOption"):
+            return data.module
+    return None
+
+
+def _axis(module, label, rewrite, label_of):
+    short = label.split(": ", 1)[1]
+
+    def apply(p, x, xs):
+        if isinstance(p.prompt, str):
+            p.prompt = rewrite(p.prompt, x)
+        hr_prompt = getattr(p, "hr_prompt", "")
+        if isinstance(hr_prompt, str) and hr_prompt:
+            p.hr_prompt = rewrite(hr_prompt, x)
+
+    def format_value(p, opt, x):
+        return f"{short}: {label_of(x)}"
+
+    def confirm(p, xs):
+        for x in xs:
+            label_of(x)  # raises ScheduleSyntaxError naming the value and column
+
+    return module.AxisOption(label, str, apply, format_value=format_value, confirm=confirm)
+
+
+def register_axes():
+    module = _xyz_module()
+    if module is None:
+        return
+    present = {option.label for option in module.axis_options}
+    for label, (rewrite, label_of) in xyz.AXES.items():
+        if label not in present:
+            module.axis_options.append(_axis(module, label, rewrite, label_of))
+
+
+script_callbacks.on_before_ui(register_axes)

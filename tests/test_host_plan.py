@@ -1,0 +1,118 @@
+"""Tag planning (which tags the host keeps), validation, batch warning, XYZ rewriting, install.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lib_scheduled_lora.errors import ScheduleSyntaxError
+from lib_scheduled_lora.host import xyz
+from lib_scheduled_lora.host.plan import batch_warning, scheduled_tags, split_params, validate_prompts
+from lib_scheduled_lora.library import MissingNetworkError
+from lib_scheduled_lora.tags import parse_tag
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def P(*items):
+    return SimpleNamespace(items=list(items))
+
+
+def test_split_keeps_plain_params_objects_and_takes_schedules():
+    plain, plain2, sched, named = (
+        P("a", "0.8"),
+        P("b", "0.5", "1", "lbw=OUTD"),
+        P("c", "0@0.3", "1"),
+        P("d", "hr=0.5"),
+    )
+    split = split_params("lora", [plain, plain2, sched, named], enabled=True)
+    assert split.host == [plain, plain2]
+    assert [t.format() for t in split.ours] == ["<lora:c:0@0.3:1>", "<lora:d:1:hr=0.5>"]
+    off = split_params("lora", [plain, sched, P("x", "0@abc")], enabled=False)
+    assert off.host == [plain] and off.ignored == ["<lora:c:0@0.3:1>", "<lora:x:0@abc>"]
+
+
+def test_constant_schedules_become_plain_host_params():
+    class Params(SimpleNamespace):
+        pass
+
+    split = split_params(
+        "lora", [Params(items=["a", "0.8@0,0.8@1", "lbw=X"]), Params(items=["b", "0.5", "hr=0.5"])], True
+    )
+    assert [p.items for p in split.host] == [["a", "0.8", "0.8", "lbw=X"], ["b", "0.5", "hr=0.5"]]
+    assert all(isinstance(p, Params) for p in split.host) and split.ours == []
+
+
+def test_split_passes_host_additional_network_entries():
+    extra = SimpleNamespace(items=["add", 0.7])  # the host appends a float for its "Additional network"
+    assert split_params("lora", [extra], enabled=True).host == [extra]
+
+
+def test_scheduled_tags_from_extra_network_data_all_kinds():
+    data = {"lora": [P("a", "0.5"), P("b", "0@0.5:1")], "loractl": [P("c", "0.5")], "hypernet": [P("h")]}
+    assert [t.format() for t in scheduled_tags(data)] == ["<lora:b:0@0.5:1>", "<loractl:c:0.5>"]
+
+
+def test_validate_reports_syntax_missing_and_returns_ours():
+    files = {"a": "/x/a.safetensors", "b": "/x/b.safetensors"}
+    ours = validate_prompts(["<lora:a:0.5> <lora:b:0@0.3:1>"], files.get)
+    assert [t.name for t in ours] == ["b"]
+    with pytest.raises(ScheduleSyntaxError, match="column"):
+        validate_prompts(["<lora:a:0@0.3:abc>"], files.get)
+    with pytest.raises(MissingNetworkError, match="'zz'"):
+        validate_prompts(["<lora:zz:0.5>"], files.get)
+
+
+def test_batch_warning_only_when_schedules_differ():
+    assert batch_warning(["<lora:a:0@0.3:1> x", "<lora:a:0@0.3:1> y"]) is None
+    assert batch_warning(["<lora:a:0.5>", "<lora:a:0.7>"]) is None  # plain ones: the host's business
+    assert "prompt(s) 2" in batch_warning(["<lora:a:0@0.3:1>", "<lora:a:0@0.6:1>"])
+
+
+def test_xyz_schedule_axis_rewrites_scheduled_tags_or_named():
+    prompt = "cat <lora:a:0@0.3:1> <lora:b:0.5> <lora:c:1:0@0.5:1:lbw=X>"
+    out = xyz.apply_schedule(prompt, "1@0.5:0")
+    assert out == "cat <lora:a:1@0.5:0> <lora:b:0.5> <lora:c:1:1@0.5:0:lbw=X>"
+    assert (
+        xyz.apply_schedule(prompt, "b=0@0;1@1")
+        == "cat <lora:a:0@0.3:1> <lora:b:0@0,1@1> <lora:c:1:0@0.5:1:lbw=X>"
+    )
+    assert xyz.schedule_label("b = 0@0;1@1") == "b=0@0,1@1"
+
+
+def test_xyz_switch_strength_hires():
+    prompt = "<lora:a:0@0.3:1> <lora:b:0.5>"
+    assert xyz.apply_switch(prompt, "0.6") == "<lora:a:0@0.6:1> <lora:b:0.5>"
+    assert xyz.apply_switch(prompt, "8") == "<lora:a:0@8:1> <lora:b:0.5>"
+    assert xyz.apply_strength(prompt, "0.5") == "<lora:a:0@0.3:0.5> <lora:b:0.5>"
+    assert xyz.apply_strength(prompt, "b=2") == "<lora:a:0@0.3:1> <lora:b:1>"
+    assert xyz.apply_hires(prompt, "0.6") == "<lora:a:0@0.3:1:hr=0.6> <lora:b:0.5>"
+    assert parse_tag("<lora:a:0@0.3:1:hr=0.6>").schedules(True)[1].at(0, 10) == 0.6
+    assert xyz.number_label("a=0.50") == "a=0.5"
+    with pytest.raises(ScheduleSyntaxError):
+        xyz.number_label("abc")
+    with pytest.raises(ScheduleSyntaxError):
+        xyz.schedule_label("0@0.3:x")
+
+
+def _install_module():
+    spec = importlib.util.spec_from_file_location("sl_install", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_install_installs_only_what_is_missing_with_the_hosts_pip():
+    install = _install_module()
+    calls = []
+    launch = SimpleNamespace(
+        is_installed=lambda name: name != "safetensors", run_pip=lambda cmd, desc=None: calls.append(cmd)
+    )
+    assert install.main(launch) == ["safetensors>=0.4"]
+    assert calls == ["install safetensors>=0.4"]
+    calls.clear()
+    launch.is_installed = lambda name: name not in ("torch", "gradio")
+    assert install.main(launch) == [] and calls == []  # never torch/gradio, never an upgrade

@@ -1,0 +1,150 @@
+"""Scheduled LoRA in the real WebUI, through /sdapi/v1 (see conftest.py for how to run)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_extension_is_loaded(webui):
+    status, info = webui.get("/scheduled-lora/v1/info")
+    assert status == 200, info
+    assert set(info["xyz_axes"]["txt2img"]) >= {"Scheduled LoRA: schedule", "Scheduled LoRA: switch point"}
+
+
+def test_constant_schedule_equals_plain_tag(webui):
+    plain, _ = webui.txt2img("a cat <lora:sl_lora:0.8>")
+    constant, _ = webui.txt2img("a cat <lora:sl_lora:0.8@0,0.8@1>")
+    assert same(plain, constant)
+
+
+def test_step_schedule_differs_from_none_and_full_and_restores(webui):
+    none1, _ = webui.txt2img("a cat")
+    full, _ = webui.txt2img("a cat <lora:sl_lora:1>")
+    sched, body = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>")
+    assert not same(sched, none1) and not same(sched, full) and not same(full, none1)
+    assert "<lora:sl_lora:0@0.3:1>" in body["info"]
+    none2, _ = webui.txt2img("a cat")
+    assert same(none1, none2)
+    again, _ = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>")
+    assert same(sched, again)
+
+
+def test_plain_and_scheduled_mixed_and_locon(webui):
+    none1, _ = webui.txt2img("a dog")
+    mixed, _ = webui.txt2img("a dog <lora:sl_lora:0.5> <lora:sl_locon:0@0,1@1>")
+    assert not same(mixed, none1)
+    none2, _ = webui.txt2img("a dog")
+    assert same(none1, none2)
+
+
+def test_disabled_by_alwayson_args(webui):
+    none, _ = webui.txt2img("a cat")
+    off, body = webui.txt2img(
+        "a cat <lora:sl_lora:0@0.3:1>", alwayson_scripts={"scheduled lora": {"args": [False]}}
+    )
+    assert same(none, off)
+    assert "Scheduled LoRA: off" in body["info"]
+
+
+def test_bad_tag_and_missing_network_are_errors(webui):
+    status, body = webui.txt2img_error("a cat <lora:sl_lora:0@0.3:abc>")
+    assert status >= 400 and "'abc' at column" in str(body), body
+    status, body = webui.txt2img_error("a cat <lora:no_such_net:0@0.3:1>")
+    assert status >= 400 and "no_such_net" in str(body), body
+
+
+def test_second_order_sampler(webui):
+    none1, _ = webui.txt2img("a cat", sampler_name="Heun")
+    plain, _ = webui.txt2img("a cat <lora:sl_lora:0.7>", sampler_name="Heun")
+    const, _ = webui.txt2img("a cat <lora:sl_lora:0.7@0,0.7@1>", sampler_name="Heun")
+    sched, _ = webui.txt2img("a cat <lora:sl_lora:0@0.5:1>", sampler_name="Heun")
+    assert same(plain, const) and not same(sched, plain) and not same(sched, none1)
+    none2, _ = webui.txt2img("a cat", sampler_name="Heun")
+    assert same(none1, none2)
+
+
+def test_ddim(webui):
+    none1, _ = webui.txt2img("a cat", sampler_name="DDIM")
+    sched, _ = webui.txt2img("a cat <lora:sl_lora:0@0,1@1>", sampler_name="DDIM")
+    assert not same(none1, sched)
+    none2, _ = webui.txt2img("a cat", sampler_name="DDIM")
+    assert same(none1, none2)
+
+
+def test_hires_pass(webui):
+    hr = dict(
+        enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.5
+    )
+    none1, _ = webui.txt2img("a cat", **hr)
+    a, _ = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>", **hr)
+    b, body = webui.txt2img("a cat <lora:sl_lora:0@0.3:1:hr=0>", **hr)
+    assert a[0].shape[0] == 96
+    assert not same(a, b) and not same(a, none1)
+    none2, _ = webui.txt2img("a cat", **hr)
+    assert same(none1, none2)
+
+
+def test_weights_restored_after_interrupt(webui):
+    none1, _ = webui.txt2img("a cat")
+    result = {}
+
+    def run():
+        result["r"] = webui.post(
+            "/sdapi/v1/txt2img",
+            dict(
+                prompt="a cat <lora:sl_lora:0@0,1@1>",
+                steps=150,
+                width=64,
+                height=64,
+                seed=1,
+                save_images=False,
+            ),
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(4)
+    webui.post("/sdapi/v1/interrupt", {})
+    thread.join(600)
+    none2, _ = webui.txt2img("a cat")
+    assert same(none1, none2)
+
+
+def test_xyz_grid_with_our_axes(webui):
+    _, info = webui.get("/scheduled-lora/v1/info")
+    axes = info["xyz_axes"]["txt2img"]
+    args = [
+        axes["Scheduled LoRA: switch point"],
+        "0.2, 0.8",
+        [],
+        axes["Scheduled LoRA: strength"],
+        "0.5, 1",
+        [],
+        0,
+        "",
+        [],
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        0,
+        False,
+    ]
+    images, body = webui.txt2img(
+        "a cat <lora:sl_lora:0@0.3:1>", script_name="x/y/z plot", script_args=args, steps=4
+    )
+    assert len(images) >= 5  # the grid and four cells
+    cells = images[1:5]
+    assert not same(cells[:1], cells[1:2])
+    infos = " ".join(body["info"] if isinstance(body["info"], list) else [body["info"]])
+    assert "<lora:sl_lora:0@0.2:0.5>" in infos or "0@0.2" in infos
