@@ -45,4 +45,8 @@ def register_axes():
             module.axis_options.append(_axis(module, label, rewrite, label_of))
 
 
+# xyz_grid.py (the WebUI's own scripts/ folder) is loaded before extensions, so the axes can be
+# added right away; this matters with --nowebui, where the API builds the script UIs (and xyz_grid
+# freezes its list of axes) before the before_ui callbacks run. The callback covers script reloads.
+register_axes()
 script_callbacks.on_before_ui(register_axes)

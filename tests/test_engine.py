@@ -273,3 +273,20 @@ def test_auto_mode_weighs_low_rank_flops_against_update_bytes():
     assert _bypass_is_cheaper(layer, factors, tokens=16, changes_per_eval=1.0)  # a deep 4x4 level
     assert not _bypass_is_cheaper(layer, factors, tokens=4096, changes_per_eval=1.0)  # 64x64 tokens
     assert not _bypass_is_cheaper(layer, factors, tokens=16, changes_per_eval=0.0)  # never changes
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass", "auto"])
+def test_a_partial_network_is_restored_exactly(tmp_path, mode):
+    """Only a few layers (proj_in, to_q, the text encoder's q_proj): the rest is never touched."""
+    def few(key: str) -> bool:
+        return key.endswith(("proj_in", "attn1_to_q", "self_attn_q_proj"))
+
+    model = _model()
+    before = _snapshot(model)
+    network = _network(tmp_path, select=few)
+    assert 0 < len(network.modules) < 60  # of ~300 layers
+    net = ScheduledNetwork(network, te=_sched("0.7"), unet=_sched("0@0,2@0.5:0.3"))
+    with ScheduledWeights(model, [net], EngineSettings(mode=mode)) as weights:
+        _run(weights, 9)
+        assert weights.layers == len(network.modules)
+    _assert_identical(model, before)

@@ -1,10 +1,12 @@
 """Test networks for a real checkpoint (integration tests and the in-host benchmark).
 
-Writes a kohya LoRA (Linear layers of attention, feed-forward and the text encoder) and a LoCon
-(also every 3x3/1x1 convolution) for an SD 1.x single-file checkpoint, with module names in the
-checkpoint's own ldm layout (``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora
-and this extension both resolve. Random factors sized so that ΔW is about as large as W, so that
-a schedule visibly changes a tiny random model's images.
+Writes a kohya LoRA (Linear layers of attention and feed-forward; the text encoder's too with
+``text_encoder=True``) and a LoCon (also every 3x3/1x1 convolution) for an SD 1.x single-file
+checkpoint, with module names in the checkpoint's own ldm layout
+(``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
+resolve. Random factors sized so that ΔW is about a quarter of W: a schedule visibly changes a
+tiny random model's images. The text encoder is left out by default because a random tiny
+checkpoint's UNet turns some perturbed conditionings into NaNs (the host's own Lora included).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _TE = re.compile(
 
 
 def make_networks(
-    checkpoint: str | Path, out_dir: str | Path, rank: int = 4, seed: int = 0
+    checkpoint: str | Path, out_dir: str | Path, rank: int = 4, seed: int = 0, text_encoder: bool = False
 ) -> dict[str, Path]:
     """Write ``sl_lora.safetensors`` and ``sl_locon.safetensors``; returns {name: path}."""
     out_dir = Path(out_dir)
@@ -41,7 +43,7 @@ def make_networks(
         for key in f.keys():
             unet = _UNET_LINEAR.match(key)
             conv = _UNET_CONV.match(key)
-            te = _TE.match(key)
+            te = _TE.match(key) if text_encoder else None
             if not (unet or conv or te):
                 continue
             weight = f.get_tensor(key).float()
@@ -52,7 +54,8 @@ def make_networks(
             )
             out_features, in_features = weight.shape[:2]
             r = min(rank, out_features, in_features)
-            std = math.sqrt(max(float(weight.std()), 1e-4) / math.sqrt(r))
+            # ΔW at about a quarter of the layer's own spread: visible, yet no overflow on a random model
+            std = math.sqrt(0.25 * max(float(weight.std()), 1e-4) / math.sqrt(r))
             if weight.dim() == 2:
                 down = torch.randn(r, in_features, generator=generator) * std
                 up = torch.randn(out_features, r, generator=generator) * std
