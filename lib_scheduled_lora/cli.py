@@ -11,6 +11,7 @@ from lib_scheduled_lora.errors import ScheduledLoraError
 # name -> (module, one-line help). Command modules import heavy packages (torch, diffusers) inside
 # run(), so that building the parser and `schedule` stay fast.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lib_scheduled_lora.commands.demo", "run the built-in demo model and write a labelled grid PNG"),
     "schedule": ("lib_scheduled_lora.commands.schedule", "print the multiplier of every step for a tag or schedule"),
     "inspect": ("lib_scheduled_lora.commands.inspect", "describe a network file (algorithm, rank, alpha, layers)"),
     "merge": ("lib_scheduled_lora.commands.merge", "bake networks at constant strengths into a model"),

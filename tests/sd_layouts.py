@@ -264,3 +264,19 @@ def kohya_lora_state(
         state[key + ".lora_up.weight"] = up * scale
         state[key + ".alpha"] = torch.tensor(float(alpha))
     return state
+
+
+class ModuleTree(nn.Module):
+    """A module tree with the given parameter names, for layouts without importable classes
+    (the WebUI's ldm/sgm models): the engine sees the same names and parameters."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, tensor in state.items():
+            owner = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_layouts import kohya_lora_state, ldm_state_dict, tiny_sd
+from sd_layouts import ModuleTree, kohya_lora_state, ldm_state_dict, tiny_sd
 from torch import nn
 
 from lib_scheduled_lora.delta_cache import DeltaCache
@@ -228,25 +228,10 @@ def test_delta_cache_budget_is_respected(tmp_path):
         assert weights.stats.delta_rebuilds > weights.layers  # rebuilt from factors at each change
 
 
-class _Tree(nn.Module):
-    """A module tree with the given parameter names (for layouts without diffusers classes)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        super().__init__()
-        for name, tensor in state.items():
-            owner = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
-            owner.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))
-
-
 def test_fused_attention_rows_in_the_ldm_layout(tmp_path):
     """SD 2's OpenCLIP text encoder fuses q/k/v into in_proj_weight: each LoRA owns its rows."""
     network = _network(tmp_path, family="sd2", select=lambda key: "self_attn_q_proj" in key and "layers_0_" in key)
-    model = _Tree(ldm_state_dict(tiny_sd("sd2")))
+    model = ModuleTree(ldm_state_dict(tiny_sd("sd2")))
     before = _snapshot(model)
     name = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
     d = before[name].shape[0] // 3

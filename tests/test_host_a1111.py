@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_layouts import kohya_lora_state, ldm_state_dict, tiny_sd
+from sd_layouts import ModuleTree, kohya_lora_state, ldm_state_dict, tiny_sd
 from torch import nn
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
@@ -29,19 +29,6 @@ from lib_scheduled_lora.library import MissingNetworkError
 
 UNET_W = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 TE_W = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-
-
-class _Tree(nn.Module):
-    def __init__(self, state):
-        super().__init__()
-        for name, tensor in state.items():
-            owner = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
-            owner.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))
 
 
 class InterruptedException(BaseException):
@@ -275,7 +262,7 @@ def _fixtures():
 class World:
     def __init__(self, tmp_path, mode="merge"):
         ldm, state = _fixtures()
-        self.model = _Tree(ldm)
+        self.model = ModuleTree(ldm)
         self.before = {k: v.clone() for k, v in self.model.state_dict().items()}
         path = tmp_path / "wday.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
