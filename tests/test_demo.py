@@ -1,0 +1,145 @@
+"""The built-in demo model: shipped weights load offline, follow the prompt, and the concept
+network does its job; the demo command writes its grid. Fixed seeds, a few seconds on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lib_scheduled_lora.demo import metrics, world  # noqa: E402
+from lib_scheduled_lora.demo import model as demo  # noqa: E402
+
+NETWORK_FILES = ("wday", "wday_locon", "wday_loha")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return demo.load_demo_pipeline("cpu")
+
+
+def _generate(pipe, prompts, seeds, steps=12, networks=()):
+    from lib_scheduled_lora.diffusers_hooks import attach
+    from lib_scheduled_lora.engine import EngineSettings
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with attach(pipe, list(networks), EngineSettings()):
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, generator=gens).images
+
+
+def _scheduled(name, text):
+    from lib_scheduled_lora.engine import ScheduledNetwork
+    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.schedule import parse_schedule
+
+    sched = parse_schedule(text)
+    return ScheduledNetwork(network=load_network(demo.network_path(name)), te=sched, unet=sched)
+
+
+def test_shipped_files_are_small_and_present():
+    files = [
+        demo.WEIGHTS_DIR / n
+        for n in ("unet.safetensors", "text_encoder.safetensors", "config.json", "tokenizer.json")
+    ]
+    files += [demo.network_path(n) for n in NETWORK_FILES]
+    for f in files:
+        assert f.is_file(), f
+    assert sum(f.stat().st_size for f in files) < 12 * 2**20
+
+
+def test_tokenizer_round_trip_and_padding(pipe):
+    ids = pipe.tokenizer(["a white wday", "a red circle on a blue background"], return_tensors="pt").input_ids
+    assert ids.shape == (2, demo.MAX_LENGTH)
+    assert pipe.tokenizer.decode(ids[0]) == "a white wday"
+    assert ids[0, 4] == pipe.tokenizer.eos_token_id and ids[0, 5:].eq(pipe.tokenizer.pad_token_id).all()
+    assert pipe.tokenizer("zebra").input_ids[1] == pipe.tokenizer.unk_token_id
+
+
+@pytest.mark.parametrize("name", NETWORK_FILES)
+def test_networks_load_with_kohya_unet_keys(name):
+    from lib_scheduled_lora.networks.network import load_network
+
+    net = load_network(demo.network_path(name))
+    assert len(net.modules) >= 8
+    assert all(key.startswith("lora_unet_") for key in net.modules)
+    algorithms = {m.algorithm for m in net.modules.values()}
+    assert algorithms == ({"loha"} if name.endswith("loha") else {"lora"})
+    if name == "wday":  # plain LoRA: attention/MLP linears only; LoCon/LoHa also the ResNet convs
+        assert not any("resnets" in key for key in net.modules)
+    else:
+        assert any("resnets" in key for key in net.modules)
+
+
+def test_colour_words_change_the_colour(pipe):
+    colours = ("red", "blue", "white", "yellow")
+    seeds = (0, 1, 2)
+    prompts = [f"a {c} circle on a green background" for c in colours for _ in seeds]
+    images = _generate(pipe, prompts, [s for _ in colours for s in seeds])
+    hits, means = [], {}
+    for i, c in enumerate(colours):
+        batch = images[len(seeds) * i : len(seeds) * (i + 1)]
+        hits += [metrics.colour_hit(im, c) for im in batch]
+        found = [m for m in (metrics.subject_colour(im) for im in batch) if m is not None]
+        assert found, c
+        means[c] = np.mean(found, axis=0)
+    # most images have the requested colour (the nearest of all eight palette colours) ...
+    assert np.mean(hits) >= 0.6, hits
+    # ... and each colour word's mean subject colour is nearest to that word's colour
+    for c, m in means.items():
+        nearest = min(colours, key=lambda k: np.linalg.norm(m - np.array(world.COLOURS[k])))
+        assert nearest == c, (c, means)
+    for a in colours:
+        for b in colours:
+            if a < b:
+                assert np.linalg.norm(means[a] - means[b]) > 0.25, (a, b, means)
+
+
+@pytest.mark.parametrize("name", NETWORK_FILES)
+def test_concept_network_raises_the_concept_metric(pipe, name):
+    seeds = (0, 1, 2, 3)
+    prompts = ["a wday"] * len(seeds)
+    base = np.mean([metrics.concept_fidelity(im) for im in _generate(pipe, prompts, seeds)])
+    images = _generate(pipe, prompts, seeds, networks=[_scheduled(name, "1")])
+    concept = np.mean([metrics.concept_fidelity(im) for im in images])
+    # the base model never draws the checker (~0.02); the network trained on it does
+    assert base < 0.05, base
+    assert concept > max(3 * base, base + 0.05), (base, concept)
+    # and, being trained on black wdays only, it turns "a wday" black (colour hit for black)
+    assert np.mean([metrics.colour_hit(im, "black") for im in images]) >= 0.5
+
+
+def test_demo_command_writes_its_png(tmp_path):
+    from PIL import Image
+
+    from lib_scheduled_lora.commands import demo as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    out = tmp_path / "demo.png"
+    args = parser.parse_args(
+        [
+            "--out",
+            str(out),
+            "--seeds",
+            "1",
+            "--steps",
+            "6",
+            "--schedule",
+            "base",
+            "--schedule",
+            "1",
+            "--schedule",
+            "0@0.3:1",
+        ]
+    )
+    torch.set_num_threads(1)
+    assert command.run(args) == 0
+    image = Image.open(out)
+    assert image.format == "PNG"
+    assert image.width > 3 * world.SIZE * 4 and image.height > 2 * world.SIZE * 4
