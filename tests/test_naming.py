@@ -45,13 +45,7 @@ def _modules_for(family: str) -> tuple[dict[str, FakeModule], dict[str, str]]:
     return modules, keys
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's thread pool costs more than it gains on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the fixtures themselves agree with diffusers ----------------------------------------------
