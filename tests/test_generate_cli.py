@@ -81,3 +81,13 @@ def test_missing_network_exits_2(model_dir, tmp_path, capsys):
     assert code == 2
     assert "no network named 'nobody'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_generate_defaults_to_the_built_in_demo_model(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["generate", "a white wday <lora:wday_locon:0@0.5:2>", "--steps", "4", "--sampler", "ddim",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model: built-in demo model" in printed
+    assert "wday_locon: unet multipliers per evaluation [0, 0, 2, 2]" in printed  # 2/3 >= 0.5
+    assert "Model: built-in demo model" in Image.open(out).info["parameters"]
