@@ -148,7 +148,6 @@ class _Layer:
 class UpdateStats:
     """Counters for tests and the benchmark."""
 
-    positions: int = 0
     layer_updates: int = 0
     bytes_moved: int = 0  # read base + ΔW, write W, per update
     delta_rebuilds: int = 0
@@ -273,7 +272,6 @@ class ScheduledWeights:
         if component == "unet" and not self._modes_chosen:
             self._choose_modes(steps)
             self._modes_chosen = True
-        self.stats.positions += 1
         changed: set[int] = set()
         for index, scheduled in enumerate(self.networks):
             m = scheduled.schedule(component).at(step, steps)
