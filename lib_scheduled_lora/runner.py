@@ -27,6 +27,8 @@ def scheduled_networks(prompt: str, library: NetworkLibrary, *, hires: bool = Fa
     networks = []
     for text, tag in tags_in_prompt(prompt):  # raises the first syntax error
         network = load_network(library.find(tag.name, text), name=tag.name)
+        if tag.dyn is not None:
+            network = network.rank_limited(tag.dyn)
         te, unet = tag.schedules(hires)
         networks.append(ScheduledNetwork(network=network, te=te, unet=unet))
     return networks

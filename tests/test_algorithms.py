@@ -361,3 +361,45 @@ def test_weight_delta_is_linear_in_the_factors(out, inp, rank, alpha, mult):
     unscaled = delta / (alpha / rank if alpha is not None else 1.0)
     torch.testing.assert_close(unscaled, weights["lora_up.weight"] @ weights["lora_down.weight"], atol=1e-4, rtol=1e-4)
     assert not math.isnan(float(delta.sum()))
+
+
+# -- dyn= (rank limit) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_rank_limit_keeps_the_first_components_and_the_file_scale(conv):
+    """``dyn=k``: ΔW = up[:, :k] · down[:k] · alpha / r — the scale stays that of the full rank,
+    as the WebUI's rebuild_conventional cuts the factors after calc_scale read the file's rank."""
+    up = rand(6, 4, 1, 1, seed=1) if conv else rand(6, 4, seed=1)
+    down = rand(4, 5, 3, 3, seed=2) if conv else rand(4, 5, seed=2)
+    weights = {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0)}
+    module = LoraModule("k", weights)
+    base = rand(6, 5, 3, 3, seed=3) if conv else rand(6, 5, seed=3)
+    cut = module.rank_limited(2)
+    assert cut.rank == 2 and cut.scale == module.scale == 0.5 and module.rank == 4
+    expected = (up.reshape(6, 4)[:, :2] @ down.reshape(4, -1)[:2]).reshape(base.shape) * 0.5
+    torch.testing.assert_close(cut.weight_delta(base), expected, atol=ATOL, rtol=0)
+    # bypass factors describe the same ΔW
+    factors = cut.low_rank(base.shape)
+    assert factors.down.shape[0] == 2 and factors.up.shape[1] == 2 and factors.scale == 0.5
+    assert module.rank_limited(4) is module and module.rank_limited(9) is module
+
+
+def test_rank_limit_zero_is_no_change_and_not_bypassed():
+    module = LoraModule("k", lora_weights(alpha=1.5))
+    cut = module.rank_limited(0)
+    assert torch.count_nonzero(cut.weight_delta(rand(6, 5))) == 0
+    assert cut.low_rank((6, 5)) is None
+
+
+def test_rank_limit_leaves_tucker_loha_and_lokr_whole():
+    tucker = LoraModule(
+        "k",
+        {"lora_up.weight": rand(6, 2, 1, 1), "lora_down.weight": rand(2, 5, 1, 1), "lora_mid.weight": rand(2, 2, 3, 3)},
+    )
+    loha = LohaModule(
+        "k",
+        {"hada_w1_a": rand(6, 2), "hada_w1_b": rand(2, 5), "hada_w2_a": rand(6, 2, seed=1), "hada_w2_b": rand(2, 5, seed=2)},
+    )
+    for module in (tucker, loha):
+        assert module.rank_limited(1) is module

@@ -355,6 +355,21 @@ def test_te_schedule_is_applied_at_conditioning_only(world):
     world.assert_restored()
 
 
+def test_dyn_cuts_the_rank_of_a_scheduled_network(world):
+    """``dyn=1`` on a rank-2 LoRA: the UNet gets up[:, :1]·down[:1]·alpha/2, as the builtin would."""
+    p = FakeP(world, "<lora:wday:0@0.5:1:dyn=1>", steps=4)
+    p.process_images()
+    _, state = _fixtures()
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # diffusers-style kohya name
+    up, down = state[key + ".lora_up.weight"], state[key + ".lora_down.weight"]
+    expected = world.before[UNET_W] + (up[:, :1] @ down[:1]) * float(state[key + ".alpha"]) / 2
+    torch.testing.assert_close(world.unet_log[-1][1], expected, atol=1e-6, rtol=0)
+    full = world.before[UNET_W] + (up @ down) * float(state[key + ".alpha"]) / 2
+    assert not torch.allclose(world.unet_log[-1][1], full, atol=1e-4)
+    assert world.builtin.calls == [[]]
+    world.assert_restored()
+
+
 @pytest.mark.parametrize("sampler,steps,evaluations", [("euler", 10, 10), ("heun", 10, 19), ("ddim", 20, 19)])
 def test_sampler_families(world, sampler, steps, evaluations):
     p = FakeP(world, "<lora:wday:0@0,1@1>", steps=steps, sampler=sampler)

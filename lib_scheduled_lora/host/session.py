@@ -94,6 +94,7 @@ class PassSession:
 class _Loaded:
     network: Network
     stamp: tuple[int, int]
+    rank_limited: dict[int, Network] = field(default_factory=dict)  # dyn= -> the cut copy
 
 
 @dataclass
@@ -124,14 +125,17 @@ class Runtime:
             while len(self._networks) > self.max_networks:
                 self._networks.popitem(last=False)
         self._networks.move_to_end(path)
-        return loaded.network
+        if tag.dyn is None:
+            return loaded.network
+        # One object per (file, dyn): the ΔW cache keys on it, so cut and uncut never mix.
+        if tag.dyn not in loaded.rank_limited:
+            loaded.rank_limited[tag.dyn] = loaded.network.rank_limited(tag.dyn)
+        return loaded.rank_limited[tag.dyn]
 
     def scheduled(self, tags: Sequence[NetworkTag], hires: bool) -> list[ScheduledNetwork]:
         out = []
         for tag in tags:
             te, unet = tag.schedules(hires)
-            if tag.dyn is not None:
-                log.warning("%s: dyn= (rank limit) is not applied to scheduled networks", tag.format())
             out.append(ScheduledNetwork(self.network(tag), te, unet))
         return out
 

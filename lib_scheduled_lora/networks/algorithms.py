@@ -11,6 +11,8 @@ semantics we match) and LyCORIS ``lycoris/functional/*.py`` (same formulas, inde
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Tensor = torch.Tensor
@@ -39,7 +41,8 @@ def lora(up: Tensor, down: Tensor, mid: Tensor | None = None) -> Tensor:
     if mid is not None:
         return tucker_rebuild(mid, up, down)
     out_dim, rank = up.shape[0], down.shape[0]
-    flat = up.reshape(out_dim, -1) @ down.reshape(rank, -1)
+    # explicit widths, not -1: a rank cut to 0 (``dyn=0``) still gives ΔW = 0 of the right shape
+    flat = up.reshape(out_dim, rank) @ down.reshape(rank, math.prod(down.shape[1:]))
     return flat.reshape(out_dim, *down.shape[1:])
 
 

@@ -14,7 +14,7 @@ Low-rank modules also expose their factors, so that the engine can run them in *
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,6 +64,11 @@ class NetworkModule(ABC):
         """The factors for bypass mode, or None when this module cannot be bypassed."""
         return None
 
+    def rank_limited(self, rank: int) -> NetworkModule:
+        """This module with its factorisation cut to the first ``rank`` components (the WebUI's
+        ``dyn=``); modules the WebUI does not cut return themselves."""
+        return self
+
 
 @dataclass
 class Network:
@@ -74,3 +79,8 @@ class Network:
     modules: dict[str, NetworkModule]
     metadata: dict[str, str] = field(default_factory=dict)
     unrecognised_keys: list[str] = field(default_factory=list)
+
+    def rank_limited(self, rank: int) -> Network:
+        """A copy whose modules keep only their first ``rank`` components (``<lora:x:1:dyn=8>``)."""
+        modules = {key: module.rank_limited(rank) for key, module in self.modules.items()}
+        return replace(self, name=f"{self.name} (dyn={rank})", modules=modules)

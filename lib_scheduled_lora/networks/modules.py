@@ -13,6 +13,7 @@ norm modules have no dim, so alpha is ignored for them. A ``scale`` key override
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -164,6 +165,19 @@ class LoraModule(BaseModule):
         d = base.device
         return algorithms.lora(_f32(self.up, d), _f32(self.down, d), _f32(self.mid, d))
 
+    def rank_limited(self, rank: int) -> LoraModule:
+        """ΔW from the first ``rank`` columns of up and rows of down, as the WebUI's ``dyn=``
+        (``lyco_helpers.rebuild_conventional``): the scale stays alpha / the file's rank, and a
+        Tucker (``lora_mid``) module is not cut."""
+        if self.mid is not None or rank >= self.dim:
+            return self
+        limited = copy.copy(self)
+        limited._scale = self.scale
+        limited.up = self.up[:, :rank]
+        limited.down = self.down[:rank]
+        limited.dim = rank
+        return limited
+
     def low_rank(self, target_shape: torch.Size | tuple[int, ...] | None = None) -> LowRankFactors | None:
         """Factors for bypass mode, float32 on CPU.
 
@@ -172,7 +186,7 @@ class LoraModule(BaseModule):
         would: a 1x1-conv LoRA on a Linear layer gives 2-D factors, a Linear LoRA on a 1x1 conv 4-D
         ones. None when the module cannot be bypassed (DoRA, a bias term, or no layout fits).
         """
-        if self._dora_scale is not None or self._updown_bias is not None:
+        if self._dora_scale is not None or self._updown_bias is not None or self.dim == 0:
             return None
         down, up, mid = _f32(self.down), _f32(self.up), _f32(self.mid)
         rank, out_dim = self.dim, up.shape[0]
