@@ -103,6 +103,9 @@ class FakeSampler:
             raise self.fail_exc
         params = SimpleNamespace(sigma=torch.tensor([noise, noise]), denoiser=SimpleNamespace(sampler=self))
         model.on_cfg_denoiser(params)
+        for callback in model.other_denoiser_callbacks:  # other extensions' on_cfg_denoiser
+            callback(params)
+        model.unet_forward()
         self.log.append((noise, model.weight(UNET_W).clone()))
 
     def _euler(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
@@ -170,7 +173,10 @@ class FakeP:
         self.comments = []
         self.is_hr_pass = False
         self.model_wrap = SimpleNamespace(
-            on_cfg_denoiser=world.integration.on_cfg_denoiser, weight=world.weight
+            on_cfg_denoiser=world.integration.on_cfg_denoiser,
+            other_denoiser_callbacks=world.other_denoiser_callbacks,
+            unet_forward=world.unet_forward,
+            weight=world.weight,
         )
         self.te_seen = []
 
@@ -272,7 +278,7 @@ class World:
             "old": SimpleNamespace(filename=str(tmp_path / "old.pt")),
         }
         self.networks = SimpleNamespace(
-            available_network_aliases=entries, list_available_networks=lambda: None
+            available_network_aliases=entries, list_available_networks=lambda: None, loaded_networks=[]
         )
         opts = SimpleNamespace(lora_functional=False, scheduled_lora_mode=mode, scheduled_lora_cache_mb=64)
         self.shared = SimpleNamespace(sd_model=self.model, opts=opts)
@@ -281,9 +287,32 @@ class World:
             extra_network_registry={"lora": self.builtin}, extra_network_aliases={"lyco": self.builtin}
         )
         self.host = a1111.A1111Host(self.shared, networks=lambda: self.networks)
+        host_settle = self.host.settle
+        self.host.settle = lambda model: (host_settle(model), self.builtin_apply())
         self.runtime = Runtime(self.host)
         self.integration = a1111.A1111Integration(self.runtime, self.extra_networks)
         self.unet_log = []
+        self.other_denoiser_callbacks = []
+        # The builtin's plain networks, per parameter: (its CPU backup, ΔW at multiplier 1).
+        self.builtin_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.builtin_current: dict[str, tuple] = {}
+
+    def builtin_apply(self):
+        """networks.network_apply_weights, per layer: when the wanted networks changed, restore the
+        weight from the backup and add the networks, writing into whatever ``.data`` is now."""
+        wanted = self.host.state()
+        for name, (backup, delta) in self.builtin_layers.items():
+            if self.builtin_current.get(name) != wanted:
+                strength = sum(n.unet_multiplier for n in self.networks.loaded_networks)
+                self.model.get_parameter(name).data.copy_(backup + strength * delta)
+                self.builtin_current[name] = wanted
+
+    def unet_forward(self):
+        """The diffusion model's forward: its pre-hooks, then every layer's lazy builtin apply."""
+        unet = self.model.model.diffusion_model
+        for hook in list(unet._forward_pre_hooks.values()):
+            hook(unet, ())
+        self.builtin_apply()
 
     def weight(self, name):
         return self.model.get_parameter(name).data
@@ -333,7 +362,7 @@ def test_step_schedule_follows_the_denoiser_and_restores(world):
 
 
 def test_plain_tags_go_to_the_builtin_unchanged_with_pass_through_args(world):
-    p = FakeP(world, "<lora:wday:0.8> <lyco:wday:0.5:1:lbw=OUTD> <lora:wday:0@0.5:1:start=3>")
+    p = FakeP(world, "<lora:wday:0.8> <lyco:wday:0.5:1:lbw=OUTD> <lora:wday:0@0.5:1:other=3>")
     p.process_images()
     assert world.builtin.calls == [[("wday", 0.8, {}), ("wday", 0.5, {"lbw": "OUTD"})]]
     world.assert_restored()
@@ -344,6 +373,9 @@ def test_constant_schedule_is_handed_to_the_builtin_as_plain_numbers(world):
     state = p.process_images()
     assert world.builtin.calls == [[("wday", 0.8, {}), ("wday", 0.5, {"hr": "0.5", "lbw": "X"})]]
     assert state.trace == []
+    # rewritten in place: other extensions reading the prompt's network data see the same numbers
+    first = p.extra_network_data["lora"][0]
+    assert (first.items, first.positional, first.named) == (["wday", "0.8", "0.8"], ["wday", "0.8", "0.8"], {})
 
 
 def test_te_schedule_is_applied_at_conditioning_only(world):
@@ -352,6 +384,53 @@ def test_te_schedule_is_applied_at_conditioning_only(world):
     ((hires, te_weight),) = p.te_seen
     assert not torch.equal(te_weight, world.before[TE_W])
     assert [e.multipliers["wday"] for e in state.trace] == [0.0] * 2 + [1.0] * 2
+    world.assert_restored()
+
+
+def test_host_network_changed_mid_pass_by_another_extension(world):
+    """LoRA Block Weight's ``start=`` changes a builtin network's multiplier in its own
+    on_cfg_denoiser; the builtin then rewrites the layer from its backup. Our merged values must
+    survive that, and the layer must end with the builtin's new state, not a stale copy."""
+    host_delta = torch.full_like(world.before[UNET_W], 0.01)
+    world.builtin_layers[UNET_W] = (world.before[UNET_W].clone(), host_delta)
+    plain = SimpleNamespace(name="plain", te_multiplier=1.0, unet_multiplier=1.0, dyn_dim=None)
+    world.networks.loaded_networks = [plain]
+    seen = []
+
+    def lbw_start(params):  # at the 5th evaluation, the plain network drops to 0.5
+        seen.append(params)
+        if len(seen) == 5:
+            plain.unet_multiplier = 0.5
+
+    world.other_denoiser_callbacks.append(lbw_start)
+    p = FakeP(world, "<lora:wday:0@0,1@1>", steps=8)
+    state = p.process_images()
+    with_host = [w for _, w in world.unet_log]
+    # The same schedule with no builtin network: our part alone.
+    world.builtin_layers.clear()
+    world.networks.loaded_networks = []
+    world.other_denoiser_callbacks.clear()
+    world.model.get_parameter(UNET_W).data.copy_(world.before[UNET_W])
+    world.unet_log.clear()
+    FakeP(world, "<lora:wday:0@0,1@1>", steps=8).process_images()
+    ours_only = [w for _, w in world.unet_log]
+    strengths = [1.0] * 4 + [0.5] * 4
+    for i, (got, ours) in enumerate(zip(with_host, ours_only, strict=True)):
+        torch.testing.assert_close(got, ours + strengths[i] * host_delta, atol=1e-6, rtol=0, msg=f"evaluation {i}")
+    assert [e.multipliers["wday"] for e in state.trace] == [i / 7 for i in range(8)]
+    world.assert_restored()  # (the second run ended without builtin networks)
+
+
+def test_pass_ends_with_the_builtin_state_it_changed_to(world):
+    host_delta = torch.full_like(world.before[UNET_W], 0.01)
+    world.builtin_layers[UNET_W] = (world.before[UNET_W].clone(), host_delta)
+    plain = SimpleNamespace(name="plain", te_multiplier=1.0, unet_multiplier=1.0, dyn_dim=None)
+    world.networks.loaded_networks = [plain]
+    world.other_denoiser_callbacks.append(lambda params: setattr(plain, "unet_multiplier", 0.5))
+    FakeP(world, "<lora:wday:1@0.5:0.5>", steps=6).process_images()  # ours is merged all along
+    assert torch.equal(world.weight(UNET_W), world.before[UNET_W] + 0.5 * host_delta)
+    world.networks.loaded_networks = []  # the next generation has no networks: the builtin restores
+    world.builtin_apply()
     world.assert_restored()
 
 

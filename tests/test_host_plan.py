@@ -46,6 +46,57 @@ def test_constant_schedules_become_plain_host_params():
     assert all(isinstance(p, Params) for p in split.host) and split.ours == []
 
 
+def _block_weight_reader(items):
+    """How LoRA Block Weight reads a tag (lora_block_weight.py syntaxdealer + multidealer): te and
+    unet from ``te=``/``unet=`` or positions 1 and 2 (an ``@`` there reads as 1), then float()."""
+
+    def pick(key, index):
+        for item in items:
+            if key in item:
+                return item.replace(key, "")
+        if index + 1 > len(items) or "=" in items[index]:
+            return None
+        return items[index] if "@" not in items[index] else 1
+
+    te, unet = pick("te=", 1), pick("unet=", 2)
+    te = 1 if te is None and unet is None else te if te is not None else unet
+    unet = te if unet is None else unet
+    return float(te), float(unet)
+
+
+def test_other_extensions_read_plain_numbers_and_never_a_schedule():
+    """After activation the params objects (shared with every reader of the prompt's network
+    data) hold the host's plain numbers for constant schedules, and a stand-in for scheduled
+    tags, while we still find our tags in them."""
+    tags = ["0.5@0,0.5@1:lbw=OUTS", "0~0.3:1", "te=1:unet=0@0.3:1", "unet=0.5@0,0.5@1", "0@0.3:1"]
+    params = [P(f"n{i}", *text.split(":")) for i, text in enumerate(tags)]
+    with pytest.raises(ValueError):
+        [_block_weight_reader(p.items) for p in params]  # what LoRA Block Weight did before
+    data = {"lora": params}
+    split = split_params("lora", params, enabled=True)
+    assert [p.items for p in split.host] == [["n0", "0.5", "0.5", "lbw=OUTS"], ["n3", "1", "0.5"]]
+    assert [_block_weight_reader(p.items) for p in params] == [(0.5, 0.5), (1.0, 1.0), (1.0, 1.0), (1.0, 0.5), (1.0, 1.0)]
+    assert params[1].items[0] == "n1" and params[1].items[1].startswith("scheduled_lora=")
+    assert [t.format() for t in scheduled_tags(data)] == ["<lora:n1:0@0.3:1>", "<lora:n2:1:0@0.3:1>", "<lora:n4:0@0.3:1>"]
+    again = split_params("lora", params, enabled=True)  # the hires pass re-activates: same result
+    assert [t.format() for t in again.ours] == [t.format() for t in split.ours]
+    # Two schedules of one network stay distinct for the host's conditioning cache (items ==).
+    a, b = P("x", "0@0.3", "1"), P("x", "0@0.6", "1")
+    split_params("lora", [a, b], enabled=True)
+    assert a.items != b.items
+
+
+def test_block_weight_arguments_on_scheduled_tags_are_errors():
+    files = {"a": "/x/a.safetensors"}.get
+    validate_prompts(["<lora:a:0.5:lbw=OUTS:start=3>"], files)  # plain: the host's and LBW's
+    with pytest.raises(ScheduleSyntaxError) as error:
+        validate_prompts(["cat <lora:a:0@0.3:1:lbw=OUTS>"], files)
+    assert error.value.column == 17 and error.value.text == "lbw=OUTS"
+    assert "LoRA Block Weight" in str(error.value) and "plain strength" in str(error.value)
+    with pytest.raises(ScheduleSyntaxError, match="start=N is 0@N:1"):
+        validate_prompts(["<lora:a:0@0,1@1:start=3>"], files)
+
+
 def test_split_passes_host_additional_network_entries():
     extra = SimpleNamespace(items=["add", 0.7])  # the host appends a float for its "Additional network"
     assert split_params("lora", [extra], enabled=True).host == [extra]

@@ -25,6 +25,7 @@ Per generation (``p``), in the host's order:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -118,6 +119,18 @@ class A1111Host:
                 nets.network_reset_cached_weight(module)
             else:
                 nets.network_apply_weights(module)
+
+    def state(self) -> object:
+        """The builtin's ``wanted_names`` (networks.py ``network_apply_weights``): when it changes,
+        every patched layer is restored from the builtin's backup and re-applied in its next forward."""
+        nets = self.networks
+        loaded = getattr(nets, "loaded_networks", None) or ()
+        return tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in loaded)
+
+    @staticmethod
+    def unet(model) -> Any:
+        """The UNet the sampler calls (ldm/sgm ``model.diffusion_model``), or None."""
+        return getattr(getattr(model, "model", None), "diffusion_model", None)
 
     def settings(self) -> EngineSettings:
         opts = self.shared.opts
@@ -324,13 +337,20 @@ class A1111Integration:
         original = _unwrapped(sampler.func)
         runtime = self.runtime
 
+        unet = self.host.unet(self.host.model())
+
         @functools.wraps(original)
         def func(model, x, *args, **kwargs):
             launch = getattr(getattr(sampler, "model_wrap_cfg", None), "steps", None)
             grid = grid_for_call(kwargs, launch, getattr(original, "__name__", ""))
             state.passes.append(PassRecord(hires, grid, tags))
-            with runtime.sampling_pass(tags, hires, grid, state.trace) as session:
+            with runtime.sampling_pass(tags, hires, grid, state.trace) as session, contextlib.ExitStack() as stack:
                 session.owner = sampler
+                if session is not None and unet is not None:
+                    # After every on_cfg_denoiser callback (other extensions' included), before
+                    # the builtin's lazy per-layer re-application: see PassSession.resync.
+                    hook = unet.register_forward_pre_hook(lambda module, args: session.resync() and None)
+                    stack.callback(hook.remove)
                 return original(model, x, *args, **kwargs)
 
         setattr(func, ORIGINAL_ATTR, original)

@@ -10,6 +10,7 @@ by construction; every other tag is ours and must not reach the host's ``float()
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,34 +75,71 @@ class Split:
     ignored: list[str] = field(default_factory=list)  # tag texts dropped (disabled, or malformed)
 
 
+TAG_ATTR = "scheduled_lora_tag"  # our parsed tag, kept on a params object whose items we rewrote
+MARK_KEY = "scheduled_lora"  # the named item that stands in for a schedule in rewritten items
+
+
+def _set_items(params: Any, items: list[str]) -> None:
+    """Give a host params object new items, re-deriving ``positional``/``named`` with its own class."""
+    params.__dict__.update(vars(type(params)(items=items)))
+
+
+def _mark(params: Any, tag: NetworkTag) -> None:
+    """Rewrite a scheduled tag's params for every other reader of the prompt's extra-network data.
+
+    Other extensions read the same params objects after activation (LoRA Block Weight parses
+    their items with ``float()``, fails on ``~`` or ``te=0@0,1@1``, and then drops its block
+    weights for every network of the prompt). They see ``[name, "scheduled_lora=<digest>"]``: a
+    network with no strength of theirs (the host never loads it; we apply it per step), and
+    items that still differ between schedules, so the host's conditioning cache keys stay apart.
+    """
+    digest = hashlib.sha1(tag.format().encode()).hexdigest()[:12]
+    _set_items(params, [tag.name, f"{MARK_KEY}={digest}"])
+    setattr(params, TAG_ATTR, tag)
+
+
+def _params_tag(kind: str, params: Any) -> NetworkTag | None:
+    """The tag of one params object: ours when we marked it, else parsed from its items.
+    None for params that are not a text tag (e.g. the host's own "additional network" entry);
+    raises ScheduleSyntaxError for a malformed one."""
+    tag = getattr(params, TAG_ATTR, None)
+    if tag is not None:
+        return tag
+    items = list(getattr(params, "items", None) or [])
+    if not items or any(not isinstance(item, str) for item in items[1:]):
+        return None
+    return tag_from_items(kind, items)
+
+
 def split_params(kind: str, params_list: Iterable[Any], enabled: bool) -> Split:
     """Divide a host handler's ``params_list`` (objects with ``.items``).
 
     Plain tags are passed on as the very same objects (named arguments we do not own, such as
-    ``lbw=``, included); constant schedules as new params of the same class with plain numbers.
-    Scheduled tags are ours when ``enabled``; when disabled they are dropped
-    (the host would fail on them) and listed in ``ignored``. Malformed tags are dropped too: the
-    generation is stopped before sampling with the parse error (see :func:`validate_prompts`).
+    ``lbw=``, included). Constant schedules are rewritten in place to the host's plain numbers
+    (so that other extensions read the same strength the host applies) and passed on. Scheduled
+    tags are ours when ``enabled``; when disabled they are dropped (the host would fail on them)
+    and listed in ``ignored``; either way their items are rewritten (:func:`_mark`). Malformed
+    tags are dropped too: the generation is stopped before sampling with the parse error (see
+    :func:`validate_prompts`).
     """
     split = Split()
     for params in params_list:
-        items = list(getattr(params, "items", None) or [])
-        if not items or any(not isinstance(item, str) for item in items[1:]):
-            split.host.append(params)  # e.g. the host's own "additional network" entry
-            continue
         try:
-            tag = tag_from_items(kind, items)
+            tag = _params_tag(kind, params)
         except ScheduleSyntaxError:
-            split.ignored.append(tag_text(kind, items))
+            split.ignored.append(tag_text(kind, params.items))
             continue
-        if tag.is_plain:
+        if tag is None or tag.is_plain:
             split.host.append(params)
         elif not is_ours(tag):
-            split.host.append(type(params)(items=host_items(tag)))  # a constant schedule
-        elif enabled:
-            split.ours.append(tag)
+            _set_items(params, host_items(tag))  # a constant schedule
+            split.host.append(params)
         else:
-            split.ignored.append(tag_text(kind, items))
+            _mark(params, tag)
+            if enabled:
+                split.ours.append(tag)
+            else:
+                split.ignored.append(tag.format())
     return split
 
 
@@ -111,16 +149,37 @@ def scheduled_tags(extra_network_data: Mapping[str, Sequence[Any]] | None) -> li
     tags: list[NetworkTag] = []
     for kind in KINDS:
         for params in (extra_network_data or {}).get(kind, ()):
-            items = list(getattr(params, "items", None) or [])
-            if not items or any(not isinstance(item, str) for item in items[1:]):
-                continue
             try:
-                tag = tag_from_items(kind, items)
+                tag = _params_tag(kind, params)
             except ScheduleSyntaxError:
                 continue  # reported by validate_prompts before sampling
-            if is_ours(tag):
+            if tag is not None and is_ours(tag):
                 tags.append(tag)
     return tags
+
+
+# LoRA Block Weight's arguments. It applies them to the networks the host's Lora loads (it scales
+# their factors, and changes their multipliers from its own denoiser callback for start/stop), so
+# on a scheduled tag they would silently do nothing.
+BLOCK_WEIGHT_KEYS = ("lbw", "w", "lbwe", "start", "stop", "step")
+
+
+def _check_host_only_arguments(text: str, tag: NetworkTag) -> None:
+    for key, value in tag.passthrough:
+        if key in BLOCK_WEIGHT_KEYS:
+            column = text.find(f":{key}=") + 2
+            fix = (
+                "write the steps into the schedule instead (start=N is 0@N:1, stop=N is 1@N:0)"
+                if key in ("start", "stop", "step")
+                else "remove it, or give this network a plain strength"
+            )
+            raise ScheduleSyntaxError(
+                text,
+                f"{key}={value}",
+                column,
+                "is a LoRA Block Weight argument; it only acts on networks the WebUI's own Lora loads, "
+                f"and this tag's strength is scheduled by Scheduled LoRA: {fix}",
+            )
 
 
 def validate_prompts(
@@ -142,6 +201,7 @@ def validate_prompts(
             assert tag is not None
             scheduled = is_ours(tag)
             if scheduled:
+                _check_host_only_arguments(match.text, tag)
                 ours.append(tag)
             if not check_names or (match.text in seen):
                 continue

@@ -40,7 +40,7 @@ log = logging.getLogger("scheduled_lora")
 
 
 class HostAdapter(Protocol):
-    """What a host must provide. Small on purpose: SD.Next and Forge implement the same five."""
+    """What a host must provide. Small on purpose: SD.Next and Forge implement the same six."""
 
     def model(self) -> nn.Module:
         """The module whose ``named_parameters()`` the engine binds (A1111: ``shared.sd_model``)."""
@@ -56,6 +56,10 @@ class HostAdapter(Protocol):
 
     def model_key(self) -> object:
         """Changes when the loaded model changes (the ΔW cache is cleared then)."""
+
+    def state(self) -> object:
+        """Changes whenever the host's own networks would rewrite weights (A1111: the builtin's
+        set of loaded networks and multipliers, which other extensions may change mid-pass)."""
 
 
 @dataclass
@@ -73,21 +77,43 @@ class PassSession:
 
     owner: object = None  # the host's sampler object this pass belongs to (set by the adapter)
 
-    def __init__(self, weights: ScheduledWeights, grid: PassGrid, hires: bool, trace: list[Evaluation]):
+    def __init__(
+        self, runtime: Runtime, weights: ScheduledWeights, grid: PassGrid, hires: bool, trace: list[Evaluation]
+    ):
+        self.runtime = runtime
         self.weights = weights
+        self.host_state = runtime.host.state()
         self.grid = grid
         self.hires = hires
         self.trace = trace
         self.evaluations = 0
+        self.position: float | None = None
+        self.resyncs = 0
 
     def evaluate(self, noise: float | None) -> float:
         """Bring the UNet to the schedules' values for an evaluation at ``noise``; returns its
         fractional step index."""
         position = self.grid.position(noise, self.evaluations)
         self.evaluations += 1
+        self.position = position
         self.weights.set_position("unet", position, self.grid.steps)
         self.trace.append(Evaluation(self.hires, noise, position, self.weights.multipliers("unet")))
         return position
+
+    def resync(self) -> bool:
+        """Call right before the model runs: when the host's own networks changed since this
+        pass's engine took its copies (another extension changed a multiplier mid-pass, e.g. LoRA
+        Block Weight's ``start=``), the host would rewrite our merged weights from its backups.
+        Hand the layers back, let the host apply its new state, and take fresh copies."""
+        state = self.runtime.host.state()
+        if state == self.host_state:
+            return False
+        self.weights = self.runtime.reopen(self.weights)
+        self.host_state = state
+        self.resyncs += 1
+        if self.position is not None:
+            self.weights.set_position("unet", self.position, self.grid.steps)
+        return True
 
 
 @dataclass
@@ -154,6 +180,12 @@ class Runtime:
         self._open.append(weights)
         return weights
 
+    def reopen(self, weights: ScheduledWeights) -> ScheduledWeights:
+        """Restore ``weights`` and open a new engine for the same networks on the current model."""
+        with self._lock:
+            self._close(weights)
+            return self._engine(weights.networks)
+
     def _close(self, weights: ScheduledWeights) -> None:
         try:
             weights.restore()
@@ -189,14 +221,13 @@ class Runtime:
             yield None
             return
         with self._lock:
-            weights = self._engine(networks)
-            session = PassSession(weights, grid, hires, trace)
+            session = PassSession(self, self._engine(networks), grid, hires, trace)
             previous, self.current = self.current, session
             try:
                 yield session
             finally:
                 self.current = previous
-                self._close(weights)
+                self._close(session.weights)
 
     def restore_all(self) -> int:
         """Restore every engine still open (a guard; the scopes already restore). Returns how many."""
