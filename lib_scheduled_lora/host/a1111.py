@@ -42,7 +42,7 @@ from lib_scheduled_lora.host.plan import (
     validate_prompts,
 )
 from lib_scheduled_lora.host.positions import PassGrid, grid_for_call
-from lib_scheduled_lora.host.session import Evaluation, Runtime
+from lib_scheduled_lora.host.session import Evaluation, PassSession, Runtime
 
 log = logging.getLogger("scheduled_lora")
 
@@ -226,6 +226,11 @@ def _set_wrapper(p: Any, name: str, make: Callable[[Callable], Callable]) -> Non
     setattr(p, name, wrapper)
 
 
+def _resync_hook(session: PassSession, module: Any, args: tuple) -> None:
+    session.resync()
+    return None  # a forward pre-hook's non-None result would replace the UNet's inputs
+
+
 class A1111Integration:
     def __init__(self, runtime: Runtime, extra_networks: Any):
         self.runtime = runtime
@@ -349,7 +354,7 @@ class A1111Integration:
                 if session is not None and unet is not None:
                     # After every on_cfg_denoiser callback (other extensions' included), before
                     # the builtin's lazy per-layer re-application: see PassSession.resync.
-                    hook = unet.register_forward_pre_hook(lambda module, args: session.resync() and None)
+                    hook = unet.register_forward_pre_hook(functools.partial(_resync_hook, session))
                     stack.callback(hook.remove)
                 return original(model, x, *args, **kwargs)
 
