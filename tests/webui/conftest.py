@@ -6,7 +6,8 @@ or:   WEBUI_URL=http://127.0.0.1:7861 WEBUI_PATH=... python -m pytest tests/webu
       (reuses a running server that already has the extension; WEBUI_PATH is still needed to
       write the test networks into models/Lora).
 Optional: WEBUI_PYTHON (the WebUI's interpreter, default this one), WEBUI_ARGS (extra flags),
-WEBUI_CKPT (checkpoint the networks are built for; default: the loaded model's file).
+WEBUI_CKPT (checkpoint the networks are built for; default: the loaded model's file),
+WEBUI_FAMILY_CKPTS (SD 2.x / SDXL checkpoints to also test on, see test_families.py).
 Without WEBUI_PATH every test here is skipped with that reason.
 """
 

@@ -148,3 +148,26 @@ def test_xyz_grid_with_our_axes(webui):
     assert not same(cells[:1], cells[1:2])
     infos = " ".join(body["info"] if isinstance(body["info"], list) else [body["info"]])
     assert "<lora:sl_lora:0@0.2:0.5>" in infos or "0@0.2" in infos
+
+
+def _mean_peak(a, b):
+    d = np.abs(a[0].astype(int) - b[0].astype(int))
+    return float(d.mean()), int(d.max())
+
+
+def test_engine_matches_the_builtin_with_dyn(webui):
+    """``hr=`` makes a tag ours without a hires pass (a constant first pass, merged by us); it
+    matches the host's own tag within float rounding, with and without the ``dyn=`` rank cut."""
+    for tag in ("sl_lora:0.8", "sl_locon:0.8", "sl_lora:0.8:dyn=2"):
+        host, _ = webui.txt2img(f"a cat <lora:{tag}>")
+        ours, _ = webui.txt2img(f"a cat <lora:{tag}:hr=0.3>")
+        mean, peak = _mean_peak(ours, host)
+        assert mean < 0.05 and peak <= 3, (tag, mean, peak)
+    cut, _ = webui.txt2img("a cat <lora:sl_lora:0.8:dyn=2:hr=0.3>")
+    whole, _ = webui.txt2img("a cat <lora:sl_lora:0.8:hr=0.3>")
+    assert _mean_peak(cut, whole)[0] > 1.0
+
+
+def test_block_weight_arguments_on_a_scheduled_tag_are_an_error(webui):
+    status, body = webui.txt2img_error("a cat <lora:sl_lora:0@0.3:1:lbw=OUTS>")
+    assert status >= 400 and "LoRA Block Weight" in str(body) and "column 23" in str(body), body
