@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import gradio as gr
-from modules import extra_networks, script_callbacks, scripts, shared
+from modules import extra_networks, prompt_parser, script_callbacks, scripts, shared
 
 from lib_scheduled_lora.host import a1111
 from lib_scheduled_lora.host.session import Runtime
@@ -18,7 +18,7 @@ log = logging.getLogger("scheduled_lora")
 
 _host = a1111.A1111Host(shared)
 _runtime = Runtime(_host)
-integration = a1111.A1111Integration(_runtime, extra_networks)
+integration = a1111.A1111Integration(_runtime, extra_networks, prompt_parser)
 
 TITLE = "Scheduled LoRA"
 

@@ -435,6 +435,57 @@ def test_pass_ends_with_the_builtin_state_it_changed_to(world):
     world.assert_restored()
 
 
+class FakePromptParser:
+    """modules/prompt_parser.py in the parts the adapter uses: ``[a:b:0.5]`` over 10 steps is
+    [[4, "a"], [9, "b"]] (a until step 4, b after); get_learned_conditioning encodes each distinct
+    prompt's segments in one model call."""
+
+    def __init__(self, schedules):
+        self.schedules = schedules  # prompt -> [[end_at_step, text], ...]
+
+    def get_learned_conditioning_prompt_schedules(self, prompts, steps, hires_steps=None, use_old=False):
+        return [self.schedules[prompt] for prompt in prompts]
+
+    def get_learned_conditioning(self, model, prompts, steps, hires_steps=None, use_old=False):
+        schedules = self.get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old)
+        out, cache = [], {}
+        for prompt, schedule in zip(prompts, schedules, strict=True):
+            if prompt not in cache:
+                conds = model.get_learned_conditioning([text for _, text in schedule])
+                cache[prompt] = [(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+            out.append(cache[prompt])
+        return out
+
+
+@pytest.mark.parametrize("args", ["te=0@0.5:1:unet=1", "1:0@0.5:1"])
+def test_te_schedule_per_prompt_editing_segment(world, args):
+    """Each segment is encoded at the te strengths of its first step; order is kept."""
+    parser = FakePromptParser({"x [a:b:0.5]": [[4, "x a"], [9, "x b"]], "plain": [[9, "plain"]]})
+    world.integration.prompt_parser = parser
+    calls = []
+
+    def encode(texts):  # the model's text encoder: records what the te weight was for which texts
+        calls.append((list(texts), torch.equal(world.weight(TE_W), world.before[TE_W])))
+        return torch.stack([torch.full((2,), float(len(t))) for t in texts])
+
+    world.model.get_learned_conditioning = encode
+    prompt = f"x [a:b:0.5] <lora:wday:{args}>"
+    p = FakeP(world, prompt, steps=10)
+    world.integration.begin(p, True)
+    _, data = parse_prompts([prompt])
+    world.activate(p, data)
+    conds = p.get_conds_with_caching(parser.get_learned_conditioning, ["x [a:b:0.5]", "plain"], 10, [[None, None]], data)
+    assert [[end for end, _ in c] for c in conds] == [[4, 9], [9]]
+    assert [c[0][1].tolist() for c in conds] == [[3.0, 3.0], [5.0, 5.0]] and conds[0][1][1].tolist() == [3.0, 3.0]
+    if args == "1:0@0.5:1":  # te constant (UNet scheduled): one call per prompt, as the host's
+        assert calls == [(["x a", "x b"], False), (["plain"], False)]
+    else:  # segment b starts at step 5 = 5/9 of the way: past 0.5, so the LoRA's te is on
+        assert calls == [(["x a"], True), (["x b"], False), (["plain"], True)]
+    assert "get_learned_conditioning" not in vars(world.model) or world.model.get_learned_conditioning is encode
+    assert "get_learned_conditioning_prompt_schedules" not in vars(parser)
+    world.assert_restored()
+
+
 def test_dyn_cuts_the_rank_of_a_scheduled_network(world):
     """``dyn=1`` on a rank-2 LoRA: the UNet gets up[:, :1]·down[:1]·alpha/2, as the builtin would."""
     p = FakeP(world, "<lora:wday:0@0.5:1:dyn=1>", steps=4)

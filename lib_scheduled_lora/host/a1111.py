@@ -231,10 +231,87 @@ def _resync_hook(session: PassSession, module: Any, args: tuple) -> None:
     return None  # a forward pre-hook's non-None result would replace the UNet's inputs
 
 
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any):
+    """``owner.name = value`` for the duration (an instance attribute, or a module's global)."""
+    had_own = name in vars(owner)
+    previous = vars(owner).get(name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(owner, name, previous)
+        else:
+            delattr(owner, name)
+
+
+class SegmentedEncoder:
+    """Text-encoder calls of one conditioning, each prompt-editing segment at its own ``te`` strength.
+
+    The host encodes all segments of a prompt (``[a:b:0.5]`` -> ``a`` until step 10, ``b`` after)
+    in one ``model.get_learned_conditioning(texts)`` call. A segment's conditioning is used from the
+    step after the previous segment's ``end_at_step`` (``reconstruct_cond_batch``), so that step is
+    where its ``te`` schedules are read: texts are grouped by those strengths, encoded per group,
+    and put back in order. The segment boundaries come from the host's own
+    ``get_learned_conditioning_prompt_schedules``, captured as it computes them, and are matched
+    to the encoder calls in order (the host encodes each distinct prompt once, in prompt order).
+    """
+
+    def __init__(self, weights: Any, steps: int, encode: Callable[[Any], Any]):
+        self.weights, self.steps, self.encode = weights, max(1, steps), encode
+        self.schedules: list[list] = []
+        self.cursor = 0
+
+    def capture(self, compute: Callable[..., list]) -> Callable[..., list]:
+        @functools.wraps(compute)
+        def wrapper(*args, **kwargs):
+            schedules = compute(*args, **kwargs)
+            self.schedules.extend(schedules)
+            return schedules
+
+        return wrapper
+
+    def _starts(self, texts: list[str]) -> list[int]:
+        while self.cursor < len(self.schedules):
+            schedule = self.schedules[self.cursor]
+            self.cursor += 1
+            if [text for _, text in schedule] == texts:
+                return [0] + [int(end) + 1 for end, _ in schedule[:-1]]
+        return [0] * len(texts)  # not one of the captured prompts: the pass's start
+
+    def _strengths(self, step: int) -> tuple[float, ...]:
+        return tuple(n.te.at(step, self.steps) for n in self.weights.networks)
+
+    def __call__(self, texts):
+        items = list(texts)
+        groups: dict[tuple[float, ...], list[int]] = {}
+        starts = self._starts(items)
+        for index, step in enumerate(starts):
+            groups.setdefault(self._strengths(step), []).append(index)
+        if len(groups) == 1:
+            self.weights.set_position("te", starts[0], self.steps)
+            return self.encode(texts)
+        parts: dict[int, Any] = {}
+        for indices in groups.values():
+            self.weights.set_position("te", starts[indices[0]], self.steps)
+            subset = [items[i] for i in indices]
+            conds = self.encode(type(texts)(subset, copy_from=texts) if hasattr(texts, "copy_from") else subset)
+            for j, i in enumerate(indices):
+                parts[i] = {k: v[j] for k, v in conds.items()} if isinstance(conds, dict) else conds[j]
+        import torch
+
+        ordered = [parts[i] for i in range(len(items))]
+        if isinstance(ordered[0], dict):
+            return {k: torch.stack([part[k] for part in ordered]) for k in ordered[0]}
+        return torch.stack(ordered)
+
+
 class A1111Integration:
-    def __init__(self, runtime: Runtime, extra_networks: Any):
+    def __init__(self, runtime: Runtime, extra_networks: Any, prompt_parser: Any = None):
         self.runtime = runtime
         self.extra_networks = extra_networks
+        self.prompt_parser = prompt_parser  # modules.prompt_parser: per-segment te strengths
 
     @property
     def host(self) -> A1111Host:
@@ -307,9 +384,21 @@ class A1111Integration:
         hires = hires_steps is not None
 
         @functools.wraps(function)
-        def scheduled_function(*args, **kwargs):
-            with self.runtime.conditioning(tags, hires, steps):
-                return function(*args, **kwargs)
+        def scheduled_function(model, prompts, *args, **kwargs):
+            with self.runtime.conditioning(tags, hires, steps) as weights:
+                if weights is None or all(n.te.is_constant for n in weights.networks) or self.prompt_parser is None:
+                    return function(model, prompts, *args, **kwargs)
+                # The host's call: function(model, prompts, steps, hires_steps, use_old_scheduling).
+                base_steps, hires_steps_, use_old = (list(args) + [steps, None, False][len(args):])[:3]
+                total = hires_steps_ if hires_steps_ is not None and not use_old else base_steps
+                encoder = SegmentedEncoder(weights, int(total), model.get_learned_conditioning)
+                parser = self.prompt_parser
+                with _patched(
+                    parser,
+                    "get_learned_conditioning_prompt_schedules",
+                    encoder.capture(parser.get_learned_conditioning_prompt_schedules),
+                ), _patched(model, "get_learned_conditioning", encoder):
+                    return function(model, prompts, *args, **kwargs)
 
         return original(scheduled_function, required_prompts, steps, caches, extra_network_data, hires_steps)
 

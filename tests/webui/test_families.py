@@ -69,3 +69,22 @@ def test_schedule_and_restore(webui, family):
     assert np.array_equal(const[0], full[0])
     none2, _ = webui.txt2img("a cat")
     assert np.array_equal(none1[0], none2[0])
+
+
+def test_te_schedule_per_prompt_editing_segment(webui, family):
+    """``[red:blue:0.5]`` is encoded in two segments, each at the te strength of its first step.
+    ``te=1@0.5:0`` encodes "red" with the LoRA's text-encoder part and "blue" without it: far from
+    all-off, and close to, but not exactly, all-on (the late segment matters little on a tiny
+    model); ``te=0@0.5:1`` the other way round. Without prompt editing only step 0 counts."""
+    name = f"{family}_lora"
+    edit = "a cat [red:blue:0.5]"
+    unet_off = "unet=0@0,0@1"  # ours, with the UNet part off: only the text encoders differ
+    off, _ = webui.txt2img(f"{edit} <lora:{name}:0:0>", steps=8)
+    on, _ = webui.txt2img(f"{edit} <lora:{name}:1:0>", steps=8)
+    down, _ = webui.txt2img(f"{edit} <lora:{name}:te=1@0.5:0:{unet_off}>", steps=8)
+    up, _ = webui.txt2img(f"{edit} <lora:{name}:te=0@0.5:1:{unet_off}>", steps=8)
+    assert _diff(down, off)[0] > 1.0 and _diff(up, on)[0] > 1.0
+    assert not np.array_equal(down[0], on[0]) and not np.array_equal(up[0], off[0])
+    plain_off, _ = webui.txt2img(f"a cat red <lora:{name}:0:0>", steps=8)
+    first_only, _ = webui.txt2img(f"a cat red <lora:{name}:te=0@0.5:1:{unet_off}>", steps=8)
+    assert np.array_equal(plain_off[0], first_only[0])
