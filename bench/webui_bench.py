@@ -50,7 +50,9 @@ def main() -> None:
         from lib_scheduled_lora.host.fixtures import make_networks
 
         models = get(url, "/sdapi/v1/sd-models")
-        make_networks(models[0]["filename"], Path(webui_path) / "models" / "Lora")
+        loaded = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
+        checkpoint = next((m["filename"] for m in models if m["title"] == loaded), models[0]["filename"])
+        make_networks(checkpoint, Path(webui_path) / "models" / "Lora")
         post(url, "/sdapi/v1/refresh-loras", {})
     scripts = get(url, "/sdapi/v1/scripts")
     have_loractl = "dynamic lora weights" in [s.lower() for s in scripts.get("txt2img", [])]
