@@ -84,6 +84,29 @@ class WebUI:
         assert status == 200, body
         return [decode(img) for img in body["images"]], body
 
+    def img2img(self, prompt: str, init, **kw):
+        """img2img from an RGB array ``init`` (same defaults as txt2img, denoising 0.6)."""
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(init).save(buffer, format="PNG")
+        payload = dict(
+            prompt=prompt,
+            init_images=[base64.b64encode(buffer.getvalue()).decode()],
+            denoising_strength=0.6,
+            seed=7,
+            steps=8,
+            width=64,
+            height=64,
+            sampler_name="Euler",
+            save_images=False,
+            send_images=True,
+        )
+        payload.update(kw)
+        status, body = self.post("/sdapi/v1/img2img", payload)
+        assert status == 200, body
+        return [decode(img) for img in body["images"]], body
+
     def txt2img_error(self, prompt: str, **kw):
         payload = dict(prompt=prompt, seed=1, steps=2, width=64, height=64, save_images=False)
         payload.update(kw)

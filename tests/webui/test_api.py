@@ -171,3 +171,29 @@ def test_engine_matches_the_builtin_with_dyn(webui):
 def test_block_weight_arguments_on_a_scheduled_tag_are_an_error(webui):
     status, body = webui.txt2img_error("a cat <lora:sl_lora:0@0.3:1:lbw=OUTS>")
     assert status >= 400 and "LoRA Block Weight" in str(body) and "column 23" in str(body), body
+
+
+def test_img2img(webui):
+    base, _ = webui.txt2img("a cat")
+    # The host's first img2img after a txt2img differs from the ones after it (no LoRA involved:
+    # the same happens with this extension switched off), so compare from the second one on.
+    webui.img2img("a dog", base[0])
+    none1, _ = webui.img2img("a dog", base[0])
+    plain, _ = webui.img2img("a dog <lora:sl_lora:0.8>", base[0])
+    const, _ = webui.img2img("a dog <lora:sl_lora:0.8@0,0.8@1>", base[0])
+    sched, body = webui.img2img("a dog <lora:sl_lora:0@0.3:1>", base[0])
+    assert same(plain, const) and not same(sched, none1) and not same(sched, plain)
+    assert "<lora:sl_lora:0@0.3:1>" in body["info"]
+    none2, _ = webui.img2img("a dog", base[0])
+    assert same(none1, none2)
+
+
+def test_batch_size_and_count(webui):
+    single, _ = webui.txt2img("a cat")
+    images, body = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>", batch_size=2, n_iter=2)
+    cells = images[-4:]  # after the grid, when the host returns one
+    assert len(cells) == 4 and len({c.tobytes() for c in cells}) == 4  # four seeds, four images
+    alone, _ = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>", seed=1234 + 3)
+    assert _mean_peak(alone, cells[3:])[0] < 0.05  # the 4th image is seed + 3, same schedule
+    again, _ = webui.txt2img("a cat")
+    assert same(single, again)
