@@ -64,48 +64,29 @@ class WebUI:
     def post(self, path, payload, **kw):
         return self.request("POST", path, payload, **kw)
 
-    def txt2img(self, prompt: str, **kw):
-        payload = dict(
-            prompt=prompt,
-            negative_prompt="",
-            seed=1234,
-            steps=6,
-            width=64,
-            height=64,
-            cfg_scale=5,
-            sampler_name="Euler",
-            batch_size=1,
-            n_iter=1,
-            save_images=False,
-            send_images=True,
-        )
-        payload.update(kw)
-        status, body = self.post("/sdapi/v1/txt2img", payload)
+    # Small, fast defaults: the smallest image the WebUI makes, few steps, nothing saved.
+    DEFAULTS = dict(
+        negative_prompt="", seed=1234, steps=6, width=64, height=64, cfg_scale=5, sampler_name="Euler",
+        batch_size=1, n_iter=1, save_images=False, send_images=True,
+    )
+
+    def _generate(self, route: str, payload: dict):
+        status, body = self.post(route, {**self.DEFAULTS, **payload})
         assert status == 200, body
         return [decode(img) for img in body["images"]], body
 
+    def txt2img(self, prompt: str, **kw):
+        return self._generate("/sdapi/v1/txt2img", dict(prompt=prompt, **kw))
+
     def img2img(self, prompt: str, init, **kw):
-        """img2img from an RGB array ``init`` (same defaults as txt2img, denoising 0.6)."""
+        """img2img from an RGB array ``init`` (seed 7, 8 steps, denoising 0.6 unless given)."""
         from PIL import Image
 
         buffer = io.BytesIO()
         Image.fromarray(init).save(buffer, format="PNG")
-        payload = dict(
-            prompt=prompt,
-            init_images=[base64.b64encode(buffer.getvalue()).decode()],
-            denoising_strength=0.6,
-            seed=7,
-            steps=8,
-            width=64,
-            height=64,
-            sampler_name="Euler",
-            save_images=False,
-            send_images=True,
-        )
-        payload.update(kw)
-        status, body = self.post("/sdapi/v1/img2img", payload)
-        assert status == 200, body
-        return [decode(img) for img in body["images"]], body
+        image = base64.b64encode(buffer.getvalue()).decode()
+        payload = dict(seed=7, steps=8, denoising_strength=0.6, **kw)
+        return self._generate("/sdapi/v1/img2img", dict(prompt=prompt, init_images=[image], **payload))
 
     def txt2img_error(self, prompt: str, **kw):
         payload = dict(prompt=prompt, seed=1, steps=2, width=64, height=64, save_images=False)
