@@ -22,7 +22,7 @@ def test_fixture_networks_land_on_the_unet_and_text_encoders(tmp_path, family):
     checkpoint = tmp_path / f"{family}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
     paths = make_networks(checkpoint, tmp_path / "Lora", text_encoder=True, prefix=family)
-    assert sorted(paths) == [f"{family}_locon", f"{family}_lora"]
+    assert sorted(paths) == [f"{family}_locon", f"{family}_loha", f"{family}_lora"]
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for path in paths.values():
         network = load_network(path)

@@ -1,8 +1,9 @@
 """Test networks for a real checkpoint (integration tests and the in-host benchmark).
 
 Writes a kohya LoRA (Linear layers of attention and feed-forward; the text encoder's too with
-``text_encoder=True``) and a LoCon (also every 3x3/1x1 convolution) for an SD 1.x, SD 2.x or SDXL
-single-file checkpoint, with UNet module names in the checkpoint's own ldm/sgm layout
+``text_encoder=True``), a LoCon (also every 3x3/1x1 convolution) and a LoHa (the LoCon's layers)
+for an SD 1.x, SD 2.x or SDXL single-file checkpoint, with UNet module names in the checkpoint's
+own ldm/sgm layout
 (``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
 resolve (A1111: via its ``lora_unet`` -> ``diffusion_model`` fallback). Text-encoder names are the
 kohya ones the host resolves for each family:
@@ -73,6 +74,33 @@ def _te_targets(key: str) -> list[tuple[str, int | None]]:
     return []
 
 
+def _lora(weight: torch.Tensor, base: str, r: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A kohya LoRA/LoCon module (conv: kxk down, 1x1 up) with ΔW at about a quarter of the
+    layer's own spread: visible, yet no overflow on a random model."""
+    out_features, in_features = weight.shape[:2]
+    std = math.sqrt(0.25 * max(float(weight.std()), 1e-4) / math.sqrt(r))
+    if weight.dim() == 2:
+        down = torch.randn(r, in_features, generator=generator) * std
+        up = torch.randn(out_features, r, generator=generator) * std
+    else:
+        k = weight.shape[2:]
+        down = torch.randn(r, in_features, *k, generator=generator) * std / math.sqrt(k[0] * k[1])
+        up = torch.randn(out_features, r, 1, 1, generator=generator) * std
+    return {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": torch.tensor(float(r))}
+
+
+def _loha(weight: torch.Tensor, base: str, r: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A LyCORIS LoHa module, ΔW = (w1a·w1b) ⊙ (w2a·w2b) (conv: flattened kxk inputs), each half
+    at about the square root of a quarter of the layer's spread."""
+    out_features, flat_in = weight.shape[0], weight[0].numel()
+    half = math.sqrt(0.25 * max(float(weight.std()), 1e-4))
+    std = math.sqrt(half / math.sqrt(r))
+    module = {f"{base}.alpha": torch.tensor(float(r))}
+    for name, shape in (("w1_a", (out_features, r)), ("w1_b", (r, flat_in)), ("w2_a", (out_features, r)), ("w2_b", (r, flat_in))):
+        module[f"{base}.hada_{name}"] = torch.randn(*shape, generator=generator) * std
+    return module
+
+
 def make_networks(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -81,12 +109,14 @@ def make_networks(
     text_encoder: bool = False,
     prefix: str = "sl",
 ) -> dict[str, Path]:
-    """Write ``{prefix}_lora.safetensors`` and ``{prefix}_locon.safetensors``; returns {name: path}."""
+    """Write ``{prefix}_lora``, ``{prefix}_locon`` and ``{prefix}_loha`` (``.safetensors``);
+    returns {name: path}. The LoHa covers the LoCon's layers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     lora: dict[str, torch.Tensor] = {}
     locon: dict[str, torch.Tensor] = {}
+    loha: dict[str, torch.Tensor] = {}
     with safe_open(str(checkpoint), framework="pt") as f:
         for key in f.keys():
             unet = _UNET_LINEAR.match(key)
@@ -100,28 +130,16 @@ def make_networks(
             targets = te or [("lora_unet_" + (unet or conv).group(1).replace(".", "_"), None)]
             for base, chunk in targets:
                 weight = full if chunk is None else full.chunk(3, 0)[chunk]
-                out_features, in_features = weight.shape[:2]
-                r = min(rank, out_features, in_features)
-                # ΔW at about a quarter of the layer's own spread: visible, yet no overflow on a random model
-                std = math.sqrt(0.25 * max(float(weight.std()), 1e-4) / math.sqrt(r))
-                if weight.dim() == 2:
-                    down = torch.randn(r, in_features, generator=generator) * std
-                    up = torch.randn(out_features, r, generator=generator) * std
-                else:
-                    k = weight.shape[2:]
-                    down = torch.randn(r, in_features, *k, generator=generator) * std / math.sqrt(k[0] * k[1])
-                    up = torch.randn(out_features, r, 1, 1, generator=generator) * std
-                entry = {
-                    f"{base}.lora_down.weight": down,
-                    f"{base}.lora_up.weight": up,
-                    f"{base}.alpha": torch.tensor(float(r)),
-                }
+                r = min(rank, *weight.shape[:2])
+                entry = _lora(weight, base, r, generator)
                 if weight.dim() == 4 and weight.shape[2:] != (1, 1) or conv:
                     locon.update(entry)
                 else:
                     lora.update(entry)
                     locon.update(entry)
-    paths = {f"{prefix}_{kind}": out_dir / f"{prefix}_{kind}.safetensors" for kind in ("lora", "locon")}
-    save_file({k: v.contiguous() for k, v in lora.items()}, str(paths[f"{prefix}_lora"]))
-    save_file({k: v.contiguous() for k, v in locon.items()}, str(paths[f"{prefix}_locon"]))
+                loha.update(_loha(weight, base, r, generator))
+    paths = {}
+    for kind, tensors in (("lora", lora), ("locon", locon), ("loha", loha)):
+        paths[f"{prefix}_{kind}"] = out_dir / f"{prefix}_{kind}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(paths[f"{prefix}_{kind}"]))
     return paths

@@ -157,12 +157,13 @@ def _mean_peak(a, b):
 
 def test_engine_matches_the_builtin_with_dyn(webui):
     """``hr=`` makes a tag ours without a hires pass (a constant first pass, merged by us); it
-    matches the host's own tag within float rounding, with and without the ``dyn=`` rank cut."""
-    for tag in ("sl_lora:0.8", "sl_locon:0.8", "sl_lora:0.8:dyn=2"):
+    matches the host's own tag within float rounding, for LoRA, LoCon and LoHa, and with the
+    ``dyn=`` rank cut."""
+    for tag in ("sl_lora:0.8", "sl_locon:0.8", "sl_loha:0.8", "sl_lora:0.8:dyn=2"):
         host, _ = webui.txt2img(f"a cat <lora:{tag}>")
         ours, _ = webui.txt2img(f"a cat <lora:{tag}:hr=0.3>")
         mean, peak = _mean_peak(ours, host)
-        assert mean < 0.05 and peak <= 3, (tag, mean, peak)
+        assert mean < 0.01 and peak <= 2, (tag, mean, peak)  # measured: mean <= 0.0002, peak 1
     cut, _ = webui.txt2img("a cat <lora:sl_lora:0.8:dyn=2:hr=0.3>")
     whole, _ = webui.txt2img("a cat <lora:sl_lora:0.8:hr=0.3>")
     assert _mean_peak(cut, whole)[0] > 1.0
@@ -197,3 +198,33 @@ def test_batch_size_and_count(webui):
     assert _mean_peak(alone, cells[3:])[0] < 0.05  # the 4th image is seed + 3, same schedule
     again, _ = webui.txt2img("a cat")
     assert same(single, again)
+
+
+def test_plot_setting_appends_the_multiplier_plot(webui):
+    images, body = webui.txt2img(
+        "a cat <lora:sl_lora:0@0.3:1>", override_settings={"scheduled_lora_plot": True}
+    )
+    assert len(images) == 2 and images[1].shape[0] > 100  # the image, then the plot
+    plain, _ = webui.txt2img("a cat <lora:sl_lora:1>", override_settings={"scheduled_lora_plot": True})
+    assert len(plain) == 1  # nothing scheduled, nothing to plot
+
+
+def test_weights_restored_after_skip(webui):
+    none1, _ = webui.txt2img("a cat")
+    result = {}
+
+    def run():
+        result["r"] = webui.post(
+            "/sdapi/v1/txt2img",
+            dict(prompt="a cat <lora:sl_lora:0@0,1@1>", steps=60, n_iter=2, width=64, height=64, seed=1,
+                 save_images=False),
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(3)
+    webui.post("/sdapi/v1/skip", {})  # ends the first image's sampling; the second one runs
+    thread.join(600)
+    assert result["r"][0] == 200
+    none2, _ = webui.txt2img("a cat")
+    assert same(none1, none2)

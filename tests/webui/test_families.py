@@ -45,7 +45,7 @@ def family(request, webui):
         webui.post("/sdapi/v1/options", {"sd_model_checkpoint": previous})
 
 
-@pytest.mark.parametrize("kind", ["lora", "locon"])
+@pytest.mark.parametrize("kind", ["lora", "locon", "loha"])
 def test_engine_matches_the_builtin(webui, family, kind):
     """``hr=`` makes a tag ours without a hires pass: the first pass is then a constant strength
     applied by our engine (UNet and text encoders), the host's plain tag by its own Lora."""
@@ -56,7 +56,7 @@ def test_engine_matches_the_builtin(webui, family, kind):
     assert name in body["info"]  # the host's "Lora hashes": it found the network
     assert _diff(host, none)[0] > 1.0
     mean, peak = _diff(ours, host)
-    assert mean < 0.05 and peak <= 3, (mean, peak)  # float rounding of merged weights only
+    assert mean < 0.01 and peak <= 2, (mean, peak)  # float rounding only (measured: mean <= 0.0002, peak 1)
 
 
 def test_schedule_and_restore(webui, family):
