@@ -384,13 +384,13 @@ class A1111Integration:
         hires = hires_steps is not None
 
         @functools.wraps(function)
-        def scheduled_function(model, prompts, *args, **kwargs):
+        def scheduled_function(model, prompts, call_steps=steps, call_hires_steps=None, use_old_scheduling=False):
+            args = (model, prompts, call_steps, call_hires_steps, use_old_scheduling)  # as the host calls it
             with self.runtime.conditioning(tags, hires, steps) as weights:
                 if weights is None or all(n.te.is_constant for n in weights.networks) or self.prompt_parser is None:
-                    return function(model, prompts, *args, **kwargs)
-                # The host's call: function(model, prompts, steps, hires_steps, use_old_scheduling).
-                base_steps, hires_steps_, use_old = (list(args) + [steps, None, False][len(args):])[:3]
-                total = hires_steps_ if hires_steps_ is not None and not use_old else base_steps
+                    return function(*args)
+                # Prompt editing counts in hires steps in the hires pass (prompt_parser's own rule).
+                total = call_hires_steps if call_hires_steps is not None and not use_old_scheduling else call_steps
                 encoder = SegmentedEncoder(weights, int(total), model.get_learned_conditioning)
                 parser = self.prompt_parser
                 with _patched(
@@ -398,7 +398,7 @@ class A1111Integration:
                     "get_learned_conditioning_prompt_schedules",
                     encoder.capture(parser.get_learned_conditioning_prompt_schedules),
                 ), _patched(model, "get_learned_conditioning", encoder):
-                    return function(model, prompts, *args, **kwargs)
+                    return function(*args)
 
         return original(scheduled_function, required_prompts, steps, caches, extra_network_data, hires_steps)
 
