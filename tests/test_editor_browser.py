@@ -138,16 +138,16 @@ def _known_host_error(exc) -> bool:
     return "reading 'props'" in str(exc) and "/assets/Blocks-" in stack and "scheduled_lora" not in stack
 
 
-def _open_accordion(tab) -> None:
-    """Open the accordion that holds the editor (A1111 renders it closed)."""
-    tab.evaluate("""() => {
-        const editor = document.querySelector('#scheduled_lora_editor_txt2img');
-        let node = editor;
+def _open_accordion(tab, tab_name: str = "txt2img") -> None:
+    """Open the accordion that holds a tab's editor (A1111 renders it closed)."""
+    editor = f"#scheduled_lora_editor_{tab_name}"
+    tab.eval_on_selector(editor, """el => {
+        let node = el;
         while (node && !(node.querySelector && node.querySelector(':scope > .label-wrap'))) node = node.parentElement;
         const wrap = node && node.querySelector(':scope > .label-wrap');
         if (wrap && !wrap.classList.contains('open')) wrap.click();
     }""")
-    tab.wait_for_function("document.querySelector('#scheduled_lora_editor_txt2img').clientWidth > 0")
+    tab.wait_for_function(f"document.querySelector('{editor}').clientWidth > 0")
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -496,6 +496,24 @@ def test_webui_generation_carries_the_drawn_schedule(page):
     src = image.get_attribute("src")
     data = page.request.get(src).body()
     assert expected in _png_parameters(data)
+
+
+def test_img2img_tab_has_its_own_editor(page):
+    """The img2img accordion's editor follows the img2img prompt, not the txt2img one."""
+    if not page.is_webui:
+        pytest.skip("needs the real WebUI (WEBUI_PATH or WEBUI_URL)")
+    page.locator("#tabs > .tab-nav button", has_text="img2img").click()
+    editor = "#scheduled_lora_editor_img2img"
+    _open_accordion(page, "img2img")
+    page.fill("#img2img_prompt textarea", "a dog <lora:x:0@0.3:1> <lora:y:0.5>")
+    page.wait_for_function(f"document.querySelectorAll('{editor} .slora-row').length === 2", timeout=SLOW)
+    page.locator(f'{editor} .slora-row').first.locator('.slora-pass[data-pass="main"] [data-preset="ramp"]').click()
+    page.wait_for_function(
+        "() => document.querySelector('#img2img_prompt textarea').value === 'a dog <lora:x:0@0,1@1> <lora:y:0.5>'",
+        timeout=SLOW,
+    )
+    assert page.locator("#scheduled_lora_editor_txt2img .slora-row").count() == 0
+    assert prompt(page) == ""
 
 
 def test_style_sheet_is_applied(page):
