@@ -47,13 +47,11 @@ def main() -> None:
     url = args.url.rstrip("/")
     webui_path = os.environ.get("WEBUI_PATH")
     if webui_path:
-        from lib_scheduled_lora.host.fixtures import make_networks
+        from lib_scheduled_lora.host.fixtures import make_networks_for_webui
 
-        models = get(url, "/sdapi/v1/sd-models")
-        loaded = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
-        checkpoint = next((m["filename"] for m in models if m["title"] == loaded), models[0]["filename"])
-        make_networks(checkpoint, Path(webui_path) / "models" / "Lora")
-        post(url, "/sdapi/v1/refresh-loras", {})
+        make_networks_for_webui(
+            lambda path: get(url, path), lambda path: post(url, path, {}), Path(webui_path) / "models" / "Lora"
+        )
     scripts = get(url, "/sdapi/v1/scripts")
     have_loractl = "dynamic lora weights" in [s.lower() for s in scripts.get("txt2img", [])]
     ours_on = {"scheduled lora": {"args": [True]}}

@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import pytest
+from webui.server import make_test_networks, running_webui
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "editor_page.html"
@@ -67,50 +62,11 @@ def browser():
         context.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def webui_url():
-    """A running A1111: WEBUI_URL as given, or WEBUI_PATH started on 127.0.0.1 for this module."""
-    if os.environ.get("WEBUI_URL"):
-        yield os.environ["WEBUI_URL"].rstrip("/")
-        return
-    path = os.environ.get("WEBUI_PATH")
-    if not path:
-        pytest.skip("set WEBUI_PATH (an A1111 checkout with this extension installed) or WEBUI_URL")
-    port = _free_port()
-    python = os.environ.get("WEBUI_PYTHON", sys.executable)  # the WebUI's own interpreter, as in tests/webui
-    args = [python, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-            "--skip-version-check", "--server-name", "127.0.0.1", "--port", str(port), "--api",
-            *shlex.split(os.environ.get("WEBUI_ARGS", ""))]
-    log = open(Path(tempfile.gettempdir()) / "scheduled_lora_webui.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(args, cwd=path, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for(url, float(os.environ.get("WEBUI_START_SECONDS", 600)))
+    """A running A1111 with the UI: WEBUI_URL as given, or WEBUI_PATH started for this module."""
+    with running_webui(ui=True, need_path=False) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(params=["standalone", "webui"])
@@ -464,14 +420,9 @@ def _webui_network(tab) -> str:
     known = {entry["name"] for entry in tab.request.get(base + "/sdapi/v1/loras").json()}
     name = os.environ.get("WEBUI_LORA", "sl_lora")
     if name not in known and name == "sl_lora" and os.environ.get("WEBUI_PATH"):
-        from lib_scheduled_lora.host.fixtures import make_networks
-
-        options = tab.request.get(base + "/sdapi/v1/options").json()
-        models = tab.request.get(base + "/sdapi/v1/sd-models").json()
-        wanted = options.get("sd_model_checkpoint", "")
-        ckpt = next((m["filename"] for m in models if m["title"] == wanted), models[0]["filename"])
-        make_networks(ckpt, Path(os.environ["WEBUI_PATH"]) / "models" / "Lora")
-        tab.request.post(base + "/sdapi/v1/refresh-loras")
+        make_test_networks(
+            lambda path: tab.request.get(base + path).json(), lambda path: tab.request.post(base + path)
+        )
         known = {entry["name"] for entry in tab.request.get(base + "/sdapi/v1/loras").json()}
     if name not in known:
         pytest.skip(f"the WebUI has no LoRA named {name!r} (set WEBUI_LORA, or WEBUI_PATH to create sl_lora)")

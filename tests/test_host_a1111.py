@@ -486,6 +486,29 @@ def test_te_schedule_per_prompt_editing_segment(world, args):
     world.assert_restored()
 
 
+def test_error_inside_a_segmented_encode_restores_everything(world):
+    parser = FakePromptParser({"x [a:b:0.5]": [[4, "x a"], [9, "x b"]]})
+    world.integration.prompt_parser = parser
+
+    def encode(texts):
+        if texts == ["x b"]:  # the second segment, encoded with the LoRA's te part merged
+            assert not torch.equal(world.weight(TE_W), world.before[TE_W])
+            raise RuntimeError("out of memory")
+        return torch.zeros(len(texts), 2)
+
+    world.model.get_learned_conditioning = encode
+    prompt = "x [a:b:0.5] <lora:wday:te=0@0.5:1:unet=1>"
+    p = FakeP(world, prompt, steps=10)
+    world.integration.begin(p, True)
+    _, data = parse_prompts([prompt])
+    world.activate(p, data)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        p.get_conds_with_caching(parser.get_learned_conditioning, ["x [a:b:0.5]"], 10, [[None, None]], data)
+    assert world.model.get_learned_conditioning is encode
+    assert "get_learned_conditioning_prompt_schedules" not in vars(parser)
+    world.assert_restored()
+
+
 def test_dyn_cuts_the_rank_of_a_scheduled_network(world):
     """``dyn=1`` on a rank-2 LoRA: the UNet gets up[:, :1]·down[:1]·alpha/2, as the builtin would."""
     p = FakeP(world, "<lora:wday:0@0.5:1:dyn=1>", steps=4)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import save_file
 from sd_layouts import ldm_state_dict, tiny_sd
 
-from lib_scheduled_lora.host.fixtures import make_networks
+from lib_scheduled_lora.host.fixtures import make_networks, make_networks_for_webui
 from lib_scheduled_lora.naming import map_network
 from lib_scheduled_lora.networks.network import load_network
 
@@ -32,3 +32,31 @@ def test_fixture_networks_land_on_the_unet_and_text_encoders(tmp_path, family):
         assert components >= {"unet", "te"} if family != "sdxl" else components >= {"unet", "te", "te2"}
         if family in ("sd2", "sdxl"):  # OpenCLIP: q, k and v are row thirds of one fused weight
             assert any(t.rows is not None for t in mapping.targets)
+
+
+def test_networks_for_a_running_webui_use_its_loaded_checkpoint(tmp_path):
+    state = ldm_state_dict(tiny_sd("sd1"))
+    for name in ("a", "b"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
+    api = {
+        "/sdapi/v1/sd-models": [
+            {"title": f"{n}.safetensors [x]", "model_name": n, "filename": str(tmp_path / f"{n}.safetensors")}
+            for n in ("a", "b")
+        ],
+        "/sdapi/v1/options": {"sd_model_checkpoint": "b.safetensors [x]"},
+    }
+    posted = []
+    seen = []
+
+    def fake_make(checkpoint, lora_dir):  # the checkpoint chosen is what matters here
+        seen.append(checkpoint)
+        return {}
+
+    import lib_scheduled_lora.host.fixtures as fixtures
+
+    original, fixtures.make_networks = fixtures.make_networks, fake_make
+    try:
+        make_networks_for_webui(api.get, posted.append, tmp_path / "Lora")
+    finally:
+        fixtures.make_networks = original
+    assert seen == [str(tmp_path / "b.safetensors")] and posted == ["/sdapi/v1/refresh-loras"]

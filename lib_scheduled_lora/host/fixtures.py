@@ -3,19 +3,11 @@
 Writes a kohya LoRA (Linear layers of attention and feed-forward; the text encoder's too with
 ``text_encoder=True``), a LoCon (also every 3x3/1x1 convolution) and a LoHa (the LoCon's layers)
 for an SD 1.x, SD 2.x or SDXL single-file checkpoint, with UNet module names in the checkpoint's
-own ldm/sgm layout
-(``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
-resolve (A1111: via its ``lora_unet`` -> ``diffusion_model`` fallback). Text-encoder names are the
-kohya ones the host resolves for each family:
-
-- SD 1.x  ``cond_stage_model.transformer.text_model.encoder.layers.N.<m>``  -> ``lora_te_text_model_encoder_layers_N_<m>``
-- SD 2.x  ``cond_stage_model.model.transformer.resblocks.N.<openclip m>``   -> ``lora_te_text_model_encoder_layers_N_<hf m>``
-- SDXL    ``conditioner.embedders.0.transformer.text_model.encoder.layers.N.<m>`` -> ``lora_te1_text_model_encoder_layers_N_<m>``
-          ``conditioner.embedders.1.model.transformer.resblocks.N.<openclip m>``  -> ``lora_te2_text_model_encoder_layers_N_<hf m>``
-
-OpenCLIP -> HF names: ``attn.in_proj_weight`` rows [0:d], [d:2d], [2d:3d] -> ``self_attn_q_proj`` / ``_k_proj`` /
-``_v_proj``, ``attn.out_proj`` -> ``self_attn_out_proj``, ``mlp.c_fc`` -> ``mlp_fc1``, ``mlp.c_proj`` -> ``mlp_fc2``.
-A1111 applies an OpenCLIP layer's q/k/v/out only when all four are present (one fused MultiheadAttention).
+own ldm/sgm layout (``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
+resolve (A1111: via its ``lora_unet`` -> ``diffusion_model`` fallback). Names come from the
+engine's own model index (:func:`lib_scheduled_lora.naming.model_index`), so text encoders get
+the HF-style kohya names the WebUI resolves (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``), with
+OpenCLIP q/k/v as row thirds of the fused attention weight.
 Random factors sized so that ΔW is about a quarter of W: a schedule visibly changes a
 tiny random model's images. The text encoder is left out by default because a random tiny
 checkpoint's UNet turns some perturbed conditionings into NaNs (the host's own Lora included).
@@ -25,11 +17,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from lib_scheduled_lora.naming import UNET, Slot, model_index
 
 _UNET_LINEAR = re.compile(
     r"^model\.diffusion_model\.(.+\.(?:to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2))\.weight$"
@@ -37,41 +33,10 @@ _UNET_LINEAR = re.compile(
 _UNET_CONV = re.compile(
     r"^model\.diffusion_model\.(.+\.(?:in_layers\.2|out_layers\.3|skip_connection|op|conv))\.weight$"
 )
-# HF CLIP text encoders: (regex, kohya prefix). SD 1.x: lora_te_; SDXL's first encoder (CLIP ViT-L): lora_te1_.
-_TE_HF = (
-    (re.compile(
-        r"^cond_stage_model\.transformer\.(text_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12]))\.weight$"
-    ), "lora_te_"),
-    (re.compile(
-        r"^conditioner\.embedders\.0\.transformer\.(text_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12]))\.weight$"
-    ), "lora_te1_"),
-)
-# OpenCLIP text encoders: SD 2.x (lora_te_), SDXL's second encoder (bigG, lora_te2_).
-_TE_OPENCLIP = (
-    (re.compile(
-        r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)$"
-    ), "lora_te_"),
-    (re.compile(
-        r"^conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)$"
-    ), "lora_te2_"),
-)
-_OPENCLIP_TO_HF = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1", "mlp.c_proj.weight": "mlp_fc2"}
-
-
-def _te_targets(key: str) -> list[tuple[str, int | None]]:
-    """[(kohya module name, row chunk of a fused q/k/v weight or None)] for a text-encoder weight key."""
-    for regex, prefix in _TE_HF:
-        m = regex.match(key)
-        if m:
-            return [(prefix + m.group(1).replace(".", "_"), None)]
-    for regex, prefix in _TE_OPENCLIP:
-        m = regex.match(key)
-        if m:
-            base = f"{prefix}text_model_encoder_layers_{m.group(1)}_"
-            if m.group(2) == "attn.in_proj_weight":
-                return [(base + f"self_attn_{p}_proj", i) for i, p in enumerate("qkv")]
-            return [(base + _OPENCLIP_TO_HF[m.group(2)], None)]
-    return []
+# Text-encoder layers the tests target (kohya names as the model index gives them: the HF-style
+# ones the WebUI resolves, also for OpenCLIP encoders, whose q/k/v are row thirds of one weight;
+# A1111 applies an OpenCLIP attention only when q, k, v and out are all present).
+_TE_LAYER = re.compile(r"_text_model_encoder_layers_\d+_(?:self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
 
 
 def _lora(weight: torch.Tensor, base: str, r: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -118,28 +83,52 @@ def make_networks(
     locon: dict[str, torch.Tensor] = {}
     loha: dict[str, torch.Tensor] = {}
     with safe_open(str(checkpoint), framework="pt") as f:
-        for key in f.keys():
-            unet = _UNET_LINEAR.match(key)
-            conv = _UNET_CONV.match(key)
-            te = _te_targets(key) if text_encoder else []
-            if not (unet or conv or te):
+        index = model_index({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        # One kohya name per weight: the first the index lists (the checkpoint's own layout, the
+        # first prefix), in the checkpoint's key order.
+        names: dict[Slot, str] = {}
+        for name, slot in index.slots.items():
+            names.setdefault(slot, name)
+        for slot, base in names.items():
+            conv = slot.component == UNET and _UNET_CONV.match(slot.weight)
+            if slot.component == UNET:
+                if not (conv or _UNET_LINEAR.match(slot.weight)):
+                    continue
+            elif not (text_encoder and _TE_LAYER.search(base)):
                 continue
-            full = f.get_tensor(key).float()
-            if full.dim() not in (2, 4):
+            weight = f.get_tensor(slot.weight).float()
+            if slot.rows is not None:
+                weight = weight[slot.rows[0] : slot.rows[1]]
+            if weight.dim() not in (2, 4):
                 continue
-            targets = te or [("lora_unet_" + (unet or conv).group(1).replace(".", "_"), None)]
-            for base, chunk in targets:
-                weight = full if chunk is None else full.chunk(3, 0)[chunk]
-                r = min(rank, *weight.shape[:2])
-                entry = _lora(weight, base, r, generator)
-                if weight.dim() == 4 and weight.shape[2:] != (1, 1) or conv:
-                    locon.update(entry)
-                else:
-                    lora.update(entry)
-                    locon.update(entry)
-                loha.update(_loha(weight, base, r, generator))
+            r = min(rank, *weight.shape[:2])
+            entry = _lora(weight, base, r, generator)
+            if conv:
+                locon.update(entry)
+            else:
+                lora.update(entry)
+                locon.update(entry)
+            loha.update(_loha(weight, base, r, generator))
     paths = {}
     for kind, tensors in (("lora", lora), ("locon", locon), ("loha", loha)):
         paths[f"{prefix}_{kind}"] = out_dir / f"{prefix}_{kind}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(paths[f"{prefix}_{kind}"]))
     return paths
+
+
+def make_networks_for_webui(
+    get: Callable[[str], Any], post: Callable[[str], Any], lora_dir: str | Path, checkpoint: str | None = None
+) -> dict[str, Path]:
+    """:func:`make_networks` for the checkpoint a running WebUI has loaded (or ``checkpoint``),
+    into its ``lora_dir``, then let it rescan. ``get``/``post`` call its API by path."""
+    if checkpoint is None:
+        models = get("/sdapi/v1/sd-models")
+        # The option holds a title, "name.safetensors [hash]"; the hash part may be missing.
+        loaded = get("/sdapi/v1/options").get("sd_model_checkpoint", "").split(" [")[0]
+        checkpoint = next(
+            (m["filename"] for m in models if m["title"].split(" [")[0] == loaded), models[0]["filename"]
+        )
+    paths = make_networks(checkpoint, lora_dir)
+    post("/sdapi/v1/refresh-loras")
+    return paths
+

@@ -88,7 +88,6 @@ class PassSession:
         self.trace = trace
         self.evaluations = 0
         self.position: float | None = None
-        self.resyncs = 0
 
     def evaluate(self, noise: float | None) -> float:
         """Bring the UNet to the schedules' values for an evaluation at ``noise``; returns its
@@ -110,7 +109,6 @@ class PassSession:
             return False
         self.weights = self.runtime.reopen(self.weights)
         self.host_state = state
-        self.resyncs += 1
         if self.position is not None:
             self.weights.set_position("unet", self.position, self.grid.steps)
         return True

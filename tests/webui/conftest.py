@@ -16,27 +16,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EXTENSION = "sd-webui-scheduled-lora"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .server import make_test_networks, running_webui
 
 
 class WebUI:
@@ -101,76 +86,9 @@ def decode(b64: str):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB"))
 
 
-def _wait(url: str, proc, timeout: float) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"WebUI exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/sdapi/v1/sd-models", timeout=5):
-                return
-        except Exception:
-            time.sleep(2)
-    raise TimeoutError(f"WebUI did not answer at {url} within {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def webui():
-    path = os.environ.get("WEBUI_PATH")
-    if not path:
-        pytest.skip(
-            "set WEBUI_PATH to an AUTOMATIC1111 stable-diffusion-webui checkout to run the integration tests"
-        )
-    webui_path = Path(path)
-    link = webui_path / "extensions" / EXTENSION
-    if not link.exists():
-        link.symlink_to(ROOT, target_is_directory=True)
-    proc = None
-    url = os.environ.get("WEBUI_URL")
-    if not url:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        python = os.environ.get("WEBUI_PYTHON", sys.executable)
-        args = [
-            python,
-            "launch.py",
-            "--skip-prepare-environment",
-            "--skip-install",
-            "--skip-torch-cuda-test",
-            "--skip-version-check",
-            "--nowebui",
-            "--api",
-            "--server-name",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *shlex.split(os.environ.get("WEBUI_ARGS", "")),
-        ]
-        log = open(webui_path / "scheduled_lora_tests.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            args, cwd=webui_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait(url, proc, float(os.environ.get("WEBUI_START_TIMEOUT", 600)))
+    with running_webui(ui=False, need_path=True) as url:
         client = WebUI(url)
-        _, models = client.get("/sdapi/v1/sd-models")
-        _, options = client.get("/sdapi/v1/options")
-        ckpt = os.environ.get("WEBUI_CKPT")
-        if not ckpt:
-            wanted = options.get("sd_model_checkpoint", "")
-            ckpt = next(
-                (m["filename"] for m in models if m["title"] == wanted or m["model_name"] in wanted),
-                models[0]["filename"],
-            )
-        from lib_scheduled_lora.host.fixtures import make_networks
-
-        make_networks(ckpt, webui_path / "models" / "Lora")
-        client.post("/sdapi/v1/refresh-loras", {})
+        make_test_networks(lambda path: client.get(path)[1], lambda path: client.post(path, {}))
         yield client
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
