@@ -68,10 +68,10 @@ def measure(args) -> list[dict]:
 
     from lib_scheduled_lora.demo import metrics
     from lib_scheduled_lora.demo import model as demo
-    from lib_scheduled_lora.diffusers_hooks import attach
-    from lib_scheduled_lora.engine import EngineSettings
-    from lib_scheduled_lora.library import NetworkLibrary
-    from lib_scheduled_lora.runner import scheduled_networks
+    from lib_scheduled_lora.hosts.diffusers import attach
+    from lib_scheduled_lora.core.engine import EngineSettings
+    from lib_scheduled_lora.core.library import NetworkLibrary
+    from lib_scheduled_lora.hosts.runner import scheduled_networks
 
     torch.set_num_threads(args.threads)
     pipe = demo.load_demo_pipeline("cpu")

@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from networks import write_network  # noqa: E402
+from support.random_networks import write_network  # noqa: E402
 
-from lib_scheduled_lora.delta_cache import DeltaCache  # noqa: E402
-from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork, ScheduledWeights  # noqa: E402
-from lib_scheduled_lora.naming import map_network  # noqa: E402
-from lib_scheduled_lora.networks.network import load_network  # noqa: E402
-from lib_scheduled_lora.schedule import Schedule, parse_schedule  # noqa: E402
+from lib_scheduled_lora.core.delta_cache import DeltaCache  # noqa: E402
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights  # noqa: E402
+from lib_scheduled_lora.core.naming import map_network  # noqa: E402
+from lib_scheduled_lora.core.networks.loader import load_network  # noqa: E402
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64,

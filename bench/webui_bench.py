@@ -2,7 +2,7 @@
 
     WEBUI_PATH=/work/webui python bench/webui_bench.py --url http://127.0.0.1:7861 [--runs 5] [--steps 20]
 
-Cases (each for the LoRA and the LoCon written by lib_scheduled_lora.host.fixtures): no LoRA,
+Cases (each for the LoRA and the LoCon written by webui_networks): no LoRA,
 static ``<lora:x:1>`` (the host's builtin), step schedule ``0@0.3:1``, ramp ``0@0,1@1`` (ours),
 and loractl's ramp/step (``0@0,1@1`` and ``0@0,0@0.29,1@0.3``) when loractl is installed (our
 extension off for those runs via alwayson_scripts, loractl's off for ours). Runs are interleaved
@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def post(url, path, payload):
@@ -47,7 +48,7 @@ def main() -> None:
     url = args.url.rstrip("/")
     webui_path = os.environ.get("WEBUI_PATH")
     if webui_path:
-        from lib_scheduled_lora.host.fixtures import make_networks_for_webui
+        from support.webui_networks import make_networks_for_webui
 
         make_networks_for_webui(
             lambda path: get(url, path), lambda path: post(url, path, {}), Path(webui_path) / "models" / "Lora"

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 WebUI: the "Scheduled LoRA" accordion, settings, and the hooks.
 
-Thin on purpose: the logic is in ``lib_scheduled_lora.host.a1111`` (tested without a WebUI); this
+Thin on purpose: the logic is in ``lib_scheduled_lora.hosts.a1111`` (tested without a WebUI); this
 file only imports the host's modules and connects them.
 """
 
@@ -11,8 +11,8 @@ import logging
 import gradio as gr
 from modules import extra_networks, prompt_parser, script_callbacks, scripts, shared
 
-from lib_scheduled_lora.host import a1111
-from lib_scheduled_lora.host.session import Runtime
+from lib_scheduled_lora.hosts import a1111
+from lib_scheduled_lora.core.session import Runtime
 
 log = logging.getLogger("scheduled_lora")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from modules import script_callbacks, scripts, shared
 
 import lib_scheduled_lora
-from lib_scheduled_lora.host import a1111, xyz
+from lib_scheduled_lora.hosts import a1111, xyz
 
 
 def _axes(is_img2img: bool) -> dict[str, int]:

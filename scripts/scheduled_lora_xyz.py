@@ -1,11 +1,11 @@
 """XYZ grid axes for scheduled LoRA (registered into the loaded ``xyz_grid.py`` before the UI is
-built). The value handling is in ``lib_scheduled_lora.host.xyz``."""
+built). The value handling is in ``lib_scheduled_lora.hosts.xyz``."""
 
 from __future__ import annotations
 
 from modules import script_callbacks, scripts
 
-from lib_scheduled_lora.host import xyz
+from lib_scheduled_lora.hosts import xyz
 
 
 def _xyz_module():

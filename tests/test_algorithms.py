@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib_scheduled_lora.errors import NetworkFileError
-from lib_scheduled_lora.networks import algorithms as alg
-from lib_scheduled_lora.networks.modules import (
+from lib_scheduled_lora.core.networks import algorithms as alg
+from lib_scheduled_lora.core.networks.modules import (
     FullModule,
     IA3Module,
     LohaModule,

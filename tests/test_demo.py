@@ -25,8 +25,8 @@ def pipe():
 
 
 def _generate(pipe, prompts, seeds, steps=12, networks=()):
-    from lib_scheduled_lora.diffusers_hooks import attach
-    from lib_scheduled_lora.engine import EngineSettings
+    from lib_scheduled_lora.hosts.diffusers import attach
+    from lib_scheduled_lora.core.engine import EngineSettings
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     with attach(pipe, list(networks), EngineSettings()):
@@ -34,9 +34,9 @@ def _generate(pipe, prompts, seeds, steps=12, networks=()):
 
 
 def _scheduled(name, text):
-    from lib_scheduled_lora.engine import ScheduledNetwork
-    from lib_scheduled_lora.networks.network import load_network
-    from lib_scheduled_lora.schedule import parse_schedule
+    from lib_scheduled_lora.core.engine import ScheduledNetwork
+    from lib_scheduled_lora.core.networks.loader import load_network
+    from lib_scheduled_lora.core.schedule import parse_schedule
 
     sched = parse_schedule(text)
     return ScheduledNetwork(network=load_network(demo.network_path(name)), te=sched, unet=sched)
@@ -63,7 +63,7 @@ def test_tokenizer_round_trip_and_padding(pipe):
 
 @pytest.mark.parametrize("name", NETWORK_FILES)
 def test_networks_load_with_kohya_unet_keys(name):
-    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.core.networks.loader import load_network
 
     net = load_network(demo.network_path(name))
     assert len(net.modules) >= 8

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_clip_config, tiny_pipeline
+from support.tiny_models import tiny_clip_config, tiny_pipeline
 
-from lib_scheduled_lora.diffusers_hooks import attach
-from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork
-from lib_scheduled_lora.merge import merge_networks
-from lib_scheduled_lora.networks.network import load_network
-from lib_scheduled_lora.samplers import make_scheduler
-from lib_scheduled_lora.schedule import Schedule, parse_schedule
+from lib_scheduled_lora.hosts.diffusers import attach
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
+from lib_scheduled_lora.core.merge import merge_networks
+from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.hosts.samplers import make_scheduler
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 
 STEPS = 4
 

@@ -7,19 +7,19 @@ import copy
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_layouts import ModuleTree, kohya_lora_state, ldm_state_dict, tiny_sd
+from support.sd_layouts import ModuleTree, kohya_lora_state, ldm_state_dict, tiny_sd
 from torch import nn
 
-from lib_scheduled_lora.delta_cache import DeltaCache
-from lib_scheduled_lora.engine import (
+from lib_scheduled_lora.core.delta_cache import DeltaCache
+from lib_scheduled_lora.core.engine import (
     EngineSettings,
     ScheduledNetwork,
     ScheduledWeights,
     _bypass_is_cheaper,
 )
-from lib_scheduled_lora.merge import merge_networks
-from lib_scheduled_lora.networks.network import load_network
-from lib_scheduled_lora.schedule import Schedule, parse_schedule
+from lib_scheduled_lora.core.merge import merge_networks
+from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,7 +88,7 @@ def test_weights_are_restored_after_an_exception_or_interrupt(tmp_path, failure)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("strength", [0.8, -1.5])
 def test_constant_schedule_equals_a_static_merge(tmp_path, dtype, strength):
-    """Same weights as baking the network in once (lib_scheduled_lora.merge), to one rounding."""
+    """Same weights as baking the network in once (lib_scheduled_lora.core.merge), to one rounding."""
     network = _network(tmp_path)
     model = _model(dtype=dtype)
     static = merge_networks(dict(model.state_dict()), [(network, strength)]).tensors

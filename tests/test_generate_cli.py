@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import tiny_clip_config, tiny_pipeline
+from support.tiny_models import tiny_clip_config, tiny_pipeline
 
 from lib_scheduled_lora.cli import main
 

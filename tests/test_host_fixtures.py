@@ -1,4 +1,4 @@
-"""The integration tests' networks (host/fixtures.py) land on every layer they name, per family.
+"""The integration tests' networks (tests/support/webui_networks.py) land on every layer they name, per family.
 
 The WebUI tests build them for a real checkpoint; here the checkpoint is the tiny model of each
 family in the ldm/sgm layout (the names A1111 uses), and the landing is checked with the same
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 from safetensors.torch import save_file
-from sd_layouts import ldm_state_dict, tiny_sd
+from support.sd_layouts import ldm_state_dict, tiny_sd
 
-from lib_scheduled_lora.host.fixtures import make_networks, make_networks_for_webui
-from lib_scheduled_lora.naming import map_network
-from lib_scheduled_lora.networks.network import load_network
+from support.webui_networks import make_networks, make_networks_for_webui
+from lib_scheduled_lora.core.naming import map_network
+from lib_scheduled_lora.core.networks.loader import load_network
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -52,7 +52,7 @@ def test_networks_for_a_running_webui_use_its_loaded_checkpoint(tmp_path):
         seen.append(checkpoint)
         return {}
 
-    import lib_scheduled_lora.host.fixtures as fixtures
+    from support import webui_networks as fixtures
 
     original, fixtures.make_networks = fixtures.make_networks, fake_make
     try:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.host import xyz
-from lib_scheduled_lora.host.plan import batch_warning, scheduled_tags, split_params, validate_prompts
-from lib_scheduled_lora.library import MissingNetworkError
-from lib_scheduled_lora.tags import parse_tag
+from lib_scheduled_lora.hosts import xyz
+from lib_scheduled_lora.hosts.ownership import batch_warning, scheduled_tags, split_params, validate_prompts
+from lib_scheduled_lora.core.library import MissingNetworkError
+from lib_scheduled_lora.core.tags import parse_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 

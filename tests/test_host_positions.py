@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from lib_scheduled_lora.host.positions import COUNT, RANGE, SIGMA, TIMESTEP, grid_for_call
-from lib_scheduled_lora.schedule import parse_schedule
+from lib_scheduled_lora.core.positions import COUNT, RANGE, SIGMA, TIMESTEP, grid_for_call
+from lib_scheduled_lora.core.schedule import parse_schedule
 
 
 def karras(n: int, sigma_min: float = 0.03, sigma_max: float = 14.6, rho: float = 7.0) -> list[float]:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lib_scheduled_lora.library import MissingNetworkError, NetworkLibrary, strip_network_tags, tags_in_prompt
+from lib_scheduled_lora.core.library import MissingNetworkError, NetworkLibrary, strip_network_tags, tags_in_prompt
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sd_layouts import kohya_lora_state, tiny_sd
-from tiny_models import clip_tokenizer_dir, tiny_vae
+from support.sd_layouts import kohya_lora_state, tiny_sd
+from support.tiny_models import clip_tokenizer_dir, tiny_vae
 
 from lib_scheduled_lora.commands import merge as merge_command
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, ScheduledLoraError
-from lib_scheduled_lora.merge import merge_model, merge_networks, parse_lora_spec
-from lib_scheduled_lora.networks.network import load_network
+from lib_scheduled_lora.core.merge import merge_model, merge_networks, parse_lora_spec
+from lib_scheduled_lora.core.networks.loader import load_network
 
 W = 0.7
 ATOL = 2e-5

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sd_layouts import FAMILIES, FakeBiasModule, FakeModule, kohya_keys, tiny_sd
+from support.sd_layouts import FAMILIES, FakeBiasModule, FakeModule, kohya_keys, tiny_sd
 
-from lib_scheduled_lora.naming import (
+from lib_scheduled_lora.core.naming import (
     NetworkMapping,
     Target,
     detect_layout,
@@ -445,8 +445,8 @@ def test_delta_numel_of_real_modules(tmp_path):
     """Sizes known without computing ΔW: LoRA, LoCon (kxk), Tucker (lora_mid), DoRA; unknown for others."""
     from safetensors.torch import save_file
 
-    from lib_scheduled_lora.naming import delta_numel
-    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.core.naming import delta_numel
+    from lib_scheduled_lora.core.networks.loader import load_network
 
     g = torch.Generator().manual_seed(0)
     r = 2

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
-from lib_scheduled_lora.networks import files
-from lib_scheduled_lora.networks.files import read_safetensors, write_safetensors_atomic
-from lib_scheduled_lora.networks.modules import IA3Module, LohaModule, LokrModule, LoraModule
-from lib_scheduled_lora.networks.network import guess_family, layer_kind, load_network
+from lib_scheduled_lora.core.networks import files
+from lib_scheduled_lora.core.networks.files import read_safetensors, write_safetensors_atomic
+from lib_scheduled_lora.core.networks.modules import IA3Module, LohaModule, LokrModule, LoraModule
+from lib_scheduled_lora.core.networks.loader import guess_family, layer_kind, load_network
 
 
 def rand(*shape, seed=0):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import KohyaTextEncoder, tiny_pipeline, tiny_text_encoder, tiny_unet
+from support.tiny_models import KohyaTextEncoder, tiny_pipeline, tiny_text_encoder, tiny_unet
 
-from lib_scheduled_lora.networks.network import load_network
+from lib_scheduled_lora.core.networks.loader import load_network
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

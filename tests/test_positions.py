@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lib_scheduled_lora.positions import fractional_index, scheduler_step_position, step_grid
-from lib_scheduled_lora.samplers import SAMPLERS, make_scheduler
+from lib_scheduled_lora.core.positions import fractional_index, scheduler_step_position, step_grid
+from lib_scheduled_lora.hosts.samplers import SAMPLERS, make_scheduler
 
 
 def test_fractional_index_interpolates_and_clamps():

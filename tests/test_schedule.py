@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.schedule import (
+from lib_scheduled_lora.core.schedule import (
     Keyframe,
     Piece,
     Schedule,

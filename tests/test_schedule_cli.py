@@ -13,7 +13,7 @@ import pytest
 
 from lib_scheduled_lora import cli
 from lib_scheduled_lora.commands.schedule import NOTE
-from lib_scheduled_lora.schedule import Schedule, parse_schedule
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_COMMANDS = dict(cli.COMMANDS)  # before the fixture below narrows it

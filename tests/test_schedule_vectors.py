@@ -11,8 +11,8 @@ import json
 import make_schedule_vectors as vectors
 import pytest
 
-from lib_scheduled_lora.schedule import parse_schedule
-from lib_scheduled_lora.tags import parse_tag
+from lib_scheduled_lora.core.schedule import parse_schedule
+from lib_scheduled_lora.core.tags import parse_tag
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.schedule import Schedule, parse_schedule
-from lib_scheduled_lora.tags import (
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
+from lib_scheduled_lora.core.tags import (
     NetworkTag,
     TagMatch,
     find_tags,

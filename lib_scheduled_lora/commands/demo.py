@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.demo import metrics
     from lib_scheduled_lora.demo import model as demo
     from lib_scheduled_lora.demo.grid import labelled_grid
-    from lib_scheduled_lora.diffusers_hooks import attach
-    from lib_scheduled_lora.engine import EngineSettings
-    from lib_scheduled_lora.library import NetworkLibrary, strip_network_tags
-    from lib_scheduled_lora.runner import scheduled_networks
+    from lib_scheduled_lora.hosts.diffusers import attach
+    from lib_scheduled_lora.core.engine import EngineSettings
+    from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
+    from lib_scheduled_lora.hosts.runner import scheduled_networks
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

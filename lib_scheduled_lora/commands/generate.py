@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib_scheduled_lora.samplers import LABELS, SAMPLERS
+from lib_scheduled_lora.hosts.samplers import LABELS, SAMPLERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.runner import GenerationRequest, generate
+    from lib_scheduled_lora.hosts.runner import GenerationRequest, generate
 
     request = GenerationRequest(
         prompt=args.prompt,

@@ -49,7 +49,7 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def format_report(network, show_modules: bool = False) -> str:
-    from lib_scheduled_lora.networks.network import describe_module, guess_family
+    from lib_scheduled_lora.core.networks.loader import describe_module, guess_family
 
     infos = [describe_module(key, module) for key, module in network.modules.items()]
     family = guess_family(network)
@@ -107,7 +107,7 @@ def format_report(network, show_modules: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.core.networks.loader import load_network
 
     network = load_network(args.file)
     print(format_report(network, show_modules=args.modules))

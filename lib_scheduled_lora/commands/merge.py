@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.merge import load_networks, merge_model, parse_lora_spec
+    from lib_scheduled_lora.core.merge import load_networks, merge_model, parse_lora_spec
 
     specs = [parse_lora_spec(spec) for spec in args.loras]
     networks = load_networks(specs)  # fail on a bad network before reading a large model

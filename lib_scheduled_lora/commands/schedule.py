@@ -13,8 +13,8 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from lib_scheduled_lora.schedule import Schedule, format_number, parse_schedule
-from lib_scheduled_lora.tags import parse_tag
+from lib_scheduled_lora.core.schedule import Schedule, format_number, parse_schedule
+from lib_scheduled_lora.core.tags import parse_tag
 
 NOTE = (
     "te multipliers apply where the host computes the text conditioning (step 0, and again at "

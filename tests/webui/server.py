@@ -84,7 +84,7 @@ def running_webui(*, ui: bool, need_path: bool) -> Iterator[str]:
 def make_test_networks(get: Callable[[str], object], post: Callable[[str], object]) -> None:
     """sl_lora / sl_locon / sl_loha for the loaded checkpoint (``WEBUI_CKPT`` overrides) in
     WEBUI_PATH's models/Lora."""
-    from lib_scheduled_lora.host.fixtures import make_networks_for_webui
+    from support.webui_networks import make_networks_for_webui
 
     lora_dir = Path(os.environ["WEBUI_PATH"]) / "models" / "Lora"
     make_networks_for_webui(get, post, lora_dir, os.environ.get("WEBUI_CKPT"))

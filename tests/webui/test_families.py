@@ -34,7 +34,7 @@ def family(request, webui):
     previous = options["sd_model_checkpoint"]
     status, body = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": model["title"]})
     assert status == 200, body
-    from lib_scheduled_lora.host.fixtures import make_networks
+    from support.webui_networks import make_networks
 
     prefix = "sl_" + Path(model["filename"]).stem.replace("-", "_")
     make_networks(model["filename"], Path(os.environ["WEBUI_PATH"]) / "models" / "Lora", text_encoder=True, prefix=prefix)

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from lib_scheduled_lora.networks.base import NetworkModule
+from lib_scheduled_lora.core.networks.base import NetworkModule
 
 UNET, TE, TE2 = "unet", "te", "te2"
 UNET_PREFIXES = ("lora_unet_", "lycoris_")

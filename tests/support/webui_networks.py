@@ -5,7 +5,7 @@ Writes a kohya LoRA (Linear layers of attention and feed-forward; the text encod
 for an SD 1.x, SD 2.x or SDXL single-file checkpoint, with UNet module names in the checkpoint's
 own ldm/sgm layout (``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
 resolve (A1111: via its ``lora_unet`` -> ``diffusion_model`` fallback). Names come from the
-engine's own model index (:func:`lib_scheduled_lora.naming.model_index`), so text encoders get
+engine's own model index (:func:`lib_scheduled_lora.core.naming.model_index`), so text encoders get
 the HF-style kohya names the WebUI resolves (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``), with
 OpenCLIP q/k/v as row thirds of the fused attention weight.
 Random factors sized so that ΔW is about a quarter of W: a schedule visibly changes a
@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib_scheduled_lora.naming import UNET, Slot, model_index
+from lib_scheduled_lora.core.naming import UNET, Slot, model_index
 
 _UNET_LINEAR = re.compile(
     r"^model\.diffusion_model\.(.+\.(?:to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2))\.weight$"

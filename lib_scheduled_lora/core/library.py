@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib_scheduled_lora.errors import ScheduledLoraError
-from lib_scheduled_lora.tags import NetworkTag, find_tags
+from lib_scheduled_lora.core.tags import NetworkTag, find_tags
 
 NETWORK_SUFFIXES = (".safetensors",)
 

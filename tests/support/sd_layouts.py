@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lib_scheduled_lora.naming import unet_diffusers_to_ldm
-from lib_scheduled_lora.networks.base import NetworkModule
+from lib_scheduled_lora.core.naming import unet_diffusers_to_ldm
+from lib_scheduled_lora.core.networks.base import NetworkModule
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 

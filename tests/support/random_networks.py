@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib_scheduled_lora.networks.files import write_safetensors_atomic
+from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
 
 TRANSFORMER = ".attentions."
 CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lib_scheduled_lora.errors import ScheduledLoraError, ScheduleSyntaxError
-from lib_scheduled_lora.library import MissingNetworkError
-from lib_scheduled_lora.schedule import format_number
-from lib_scheduled_lora.tags import HOST_KINDS, KINDS, NetworkTag, find_tags, parse_tag
+from lib_scheduled_lora.core.library import MissingNetworkError
+from lib_scheduled_lora.core.schedule import format_number
+from lib_scheduled_lora.core.tags import HOST_KINDS, KINDS, NetworkTag, find_tags, parse_tag
 
 log = logging.getLogger("scheduled_lora")
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_scheduled_lora.delta_cache import DeltaCache
-from lib_scheduled_lora.naming import Target, map_network
-from lib_scheduled_lora.networks.base import LowRankFactors, Network
-from lib_scheduled_lora.schedule import Schedule
+from lib_scheduled_lora.core.delta_cache import DeltaCache
+from lib_scheduled_lora.core.naming import Target, map_network
+from lib_scheduled_lora.core.networks.base import LowRankFactors, Network
+from lib_scheduled_lora.core.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ScheduledWeights:
     """Keeps a model's targeted weights at the schedules' values; a context manager.
 
     ``model`` is the module whose ``named_parameters()`` carry the names that
-    :func:`lib_scheduled_lora.naming.map_network` understands (a diffusers pipeline's components
+    :func:`lib_scheduled_lora.core.naming.map_network` understands (a diffusers pipeline's components
     in a ``ModuleDict`` with keys ``unet``/``text_encoder``/``text_encoder_2``, or the WebUI's
     ldm/sgm model). ``cache`` may be shared between generations (see :class:`DeltaCache`).
 

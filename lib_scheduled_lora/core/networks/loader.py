@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from lib_scheduled_lora.errors import NetworkFileError
-from lib_scheduled_lora.networks.base import Network, NetworkModule
-from lib_scheduled_lora.networks.files import read_safetensors
-from lib_scheduled_lora.networks.modules import (
+from lib_scheduled_lora.core.networks.base import Network, NetworkModule
+from lib_scheduled_lora.core.networks.files import read_safetensors
+from lib_scheduled_lora.core.networks.modules import (
     COMMON_SUFFIXES,
     BaseModule,
     LohaModule,

@@ -33,16 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_scheduled_lora.engine import EngineSettings
-from lib_scheduled_lora.host.plan import (
+from lib_scheduled_lora.core.engine import EngineSettings
+from lib_scheduled_lora.hosts.ownership import (
     batch_warning,
     is_ours,
     scheduled_tags,
     split_params,
     validate_prompts,
 )
-from lib_scheduled_lora.host.positions import PassGrid, grid_for_call
-from lib_scheduled_lora.host.session import Evaluation, PassSession, Runtime
+from lib_scheduled_lora.core.positions import PassGrid, grid_for_call
+from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 
 log = logging.getLogger("scheduled_lora")
 
@@ -68,7 +68,7 @@ def _patched_types() -> tuple[type, ...]:
 
 
 class A1111Host:
-    """:class:`~lib_scheduled_lora.host.session.HostAdapter` for A1111 (``shared`` = modules.shared;
+    """:class:`~lib_scheduled_lora.core.session.HostAdapter` for A1111 (``shared`` = modules.shared;
     the builtin Lora extension's ``networks`` module is looked up in ``sys.modules``)."""
 
     def __init__(self, shared: Any, networks: Callable[[], Any] | None = None):
@@ -327,7 +327,7 @@ class A1111Integration:
         state = GenerationState(enabled=bool(enabled))
         setattr(p, STATE_ATTR, state)
         prompts = self._all_prompts(p)
-        from lib_scheduled_lora.tags import find_tags
+        from lib_scheduled_lora.core.tags import find_tags
 
         has_ours = any(m.tag is None or is_ours(m.tag) for prompt in prompts for m in find_tags(prompt or ""))
         if has_ours:
@@ -480,7 +480,7 @@ class A1111Integration:
 
 def plot_passes(state: GenerationState):
     """The multiplier plot of a generation (None when nothing was scheduled)."""
-    from lib_scheduled_lora.host.plot import plot_multipliers
+    from lib_scheduled_lora.hosts.plot import plot_multipliers
 
     if not state.passes:
         return None

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
-from lib_scheduled_lora.positions import scheduler_step_position
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
+from lib_scheduled_lora.core.positions import scheduler_step_position
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import torch
 
 from lib_scheduled_lora.errors import NetworkFileError
-from lib_scheduled_lora.networks import algorithms
-from lib_scheduled_lora.networks.base import LowRankFactors, NetworkModule
+from lib_scheduled_lora.core.networks import algorithms
+from lib_scheduled_lora.core.networks.base import LowRankFactors, NetworkModule
 
 Tensor = torch.Tensor
 

@@ -28,13 +28,13 @@ from typing import Protocol
 
 from torch import nn
 
-from lib_scheduled_lora.delta_cache import DeltaCache
-from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
-from lib_scheduled_lora.host.positions import PassGrid
-from lib_scheduled_lora.library import MissingNetworkError
-from lib_scheduled_lora.networks.base import Network
-from lib_scheduled_lora.networks.network import load_network
-from lib_scheduled_lora.tags import NetworkTag
+from lib_scheduled_lora.core.delta_cache import DeltaCache
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
+from lib_scheduled_lora.core.positions import PassGrid
+from lib_scheduled_lora.core.library import MissingNetworkError
+from lib_scheduled_lora.core.networks.base import Network
+from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.core.tags import NetworkTag
 
 log = logging.getLogger("scheduled_lora")
 

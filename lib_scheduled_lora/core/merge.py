@@ -2,7 +2,7 @@
 
 Two levels:
 
-* :func:`merge_networks` — pure: a state dict (names as :mod:`lib_scheduled_lora.naming` reads
+* :func:`merge_networks` — pure: a state dict (names as :mod:`lib_scheduled_lora.core.naming` reads
   them) and networks in, the changed tensors and a report out. The WebUI merge tab uses it.
 * :func:`merge_model` — files: a diffusers folder or a single-file ldm/sgm ``.safetensors``
   checkpoint in, the same layout out, written atomically; the ``merge`` command uses it.
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
-from lib_scheduled_lora.naming import ModelIndex, NetworkMapping, map_network, model_index
-from lib_scheduled_lora.networks.base import Network, NetworkModule
+from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, model_index
+from lib_scheduled_lora.core.networks.base import Network, NetworkModule
 
 # Components of a diffusers pipeline that networks can change, and the names naming.py expects.
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -280,7 +280,7 @@ def merge_model(
 
 
 def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from lib_scheduled_lora.networks.files import read_safetensors
+    from lib_scheduled_lora.core.networks.files import read_safetensors
 
     try:
         return read_safetensors(path)
@@ -289,7 +289,7 @@ def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def _merge_file(model, networks, output, *, force, strict, progress) -> MergeResult:
-    from lib_scheduled_lora.networks.files import write_safetensors_atomic
+    from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
 
     state, metadata = _read_model_file(model)
     index = model_index({k: tuple(v.shape) for k, v in state.items()})
@@ -374,7 +374,7 @@ def _model_shapes(files: list[_WeightFile]) -> dict[str, tuple[int, ...]]:
 
 
 def _merge_folder(model, networks, output, *, force, strict, progress) -> MergeResult:
-    from lib_scheduled_lora.networks.files import write_safetensors_atomic
+    from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
 
     files = _weight_files(model)
     if output.resolve().is_relative_to(model.resolve()) and output.resolve() != model.resolve():
@@ -449,7 +449,7 @@ def _swap_into_place(staging: Path, output: Path, *, force: bool) -> None:
 
 def load_networks(specs: Sequence[tuple[str, float]]) -> list[tuple[Network, float]]:
     """Load (file, strength) pairs; NetworkFileError names the first unreadable file."""
-    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.core.networks.loader import load_network
 
     return [(load_network(path), weight) for path, weight in specs]
 

@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.host.plan import is_ours
-from lib_scheduled_lora.schedule import Schedule, format_number, parse_schedule
-from lib_scheduled_lora.tags import NetworkTag, TagMatch, map_tags
+from lib_scheduled_lora.hosts.ownership import is_ours
+from lib_scheduled_lora.core.schedule import Schedule, format_number, parse_schedule
+from lib_scheduled_lora.core.tags import NetworkTag, TagMatch, map_tags
 
 _NAMED = re.compile(r"^\s*([^=:<>]+?)\s*=(.*)$", re.S)
 

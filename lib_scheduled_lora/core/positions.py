@@ -1,29 +1,87 @@
-"""Where a model evaluation sits in a sampling pass, from the grid the sampler itself iterates.
+"""Where a model evaluation sits in the sampling schedule, as a (fractional) step index.
 
-A1111's samplers receive their whole noise grid as an argument: k-diffusion samplers a descending
-``sigmas`` tensor (``N + 1`` entries ending in 0, already cut for img2img: the host passes
-``sigmas[steps - t_enc - 1:]`` so that the pass has ``t_enc + 1`` steps), the timestep samplers
-(DDIM, PLMS) an ascending ``timesteps`` array that they walk backwards from the end, evaluating
-``len(timesteps) - 1`` times. :func:`grid_for_call` reads that argument (the adapter wraps the
-sampler function to see it) and :meth:`PassGrid.position` turns the noise level of each
-evaluation (``params.sigma`` in ``on_cfg_denoiser``: a sigma, or a timestep for DDIM/PLMS) into a
-fractional step index. Second-order samplers' extra evaluations therefore land between steps by
-their noise level (DPM2's geometric-mean sigma exactly half-way, Heun's corrector at the next
-step's sigma), and nothing depends on ``shared.state.sampling_step``, which lags by one.
-
-Samplers whose evaluations are not on the grid they are handed fall back to counting:
-UniPC (one evaluation per step on its own time grid) and unknown samplers; DPM fast/adaptive
-(only ``sigma_min``/``sigma_max`` given) are placed log-linearly between the two.
+Samplers do not all evaluate the model once per step: Heun and DPM2 evaluate twice, DDIM drops
+the last step, img2img skips the first ones. Counting calls is therefore wrong; what identifies
+an evaluation is its noise level. These pure functions turn a noise level (sigma, or a diffusers
+timestep) into a step index by locating it on the sampler's own grid of step noise levels, so
+an extra evaluation between two steps gets a fractional index between them.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lib_scheduled_lora.positions import fractional_index
+
+def fractional_index(grid: Sequence[float], value: float, *, log: bool = False) -> float:
+    """Position of ``value`` on a monotone ``grid`` as a fractional index in [0, len(grid) - 1].
+
+    Linear interpolation between neighbours (in log space with ``log=True``, which puts a
+    geometric-mean sigma such as DPM2's midpoint exactly half-way). Values outside the grid are
+    clamped to its ends. The grid may be increasing or decreasing.
+    """
+    n = len(grid)
+    if n == 0:
+        raise ValueError("empty grid")
+    if n == 1:
+        return 0.0
+    points = [_transform(g, log) for g in grid]
+    x = _transform(value, log)
+    descending = points[0] > points[-1]
+    if descending:
+        points = [-p for p in points]
+        x = -x
+    if x <= points[0]:
+        return 0.0
+    if x >= points[-1]:
+        return float(n - 1)
+    hi = bisect.bisect_right(points, x)
+    lo = hi - 1
+    span = points[hi] - points[lo]
+    return lo + ((x - points[lo]) / span if span > 0 else 0.0)
+
+
+def _transform(value: float, log: bool) -> float:
+    if not log:
+        return float(value)
+    # sigma = 0 (the end of every k-diffusion schedule) is the far end of the grid.
+    return math.log(value) if value > 0 else -math.inf
+
+
+def step_grid(timesteps: Sequence[float], order: int = 1) -> list[float]:
+    """The noise levels of the main steps, from a sampler's list of evaluations.
+
+    Diffusers schedulers list one timestep per model evaluation, ``order`` of them per step
+    except the last: Heun repeats each step's timestep (t0, t1, t1, t2, t2, ...), KDPM2
+    interleaves midpoints (t0, t0.5, t1, t1.5, ...). Every ``order``-th entry is a main step.
+    PLMS evaluates its first step twice (t0, t1, t1, t2, ...), so repeats are dropped.
+    """
+    grid: list[float] = []
+    for t in list(timesteps)[:: max(1, order)]:
+        if not grid or float(t) != grid[-1]:
+            grid.append(float(t))
+    return grid
+
+
+def scheduler_step_position(scheduler: Any, timestep: Any) -> float:
+    """The fractional step index of a UNet call at ``timestep`` under a diffusers scheduler.
+
+    ``timestep`` may be a number or a tensor (batched: all entries are equal in a pipeline).
+    """
+    if timestep is None:
+        return 0.0
+    t = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) == 0:
+        return 0.0
+    return fractional_index(step_grid(timesteps, int(getattr(scheduler, "order", 1) or 1)), t)
+
+
+# -- WebUI samplers: the grid a k-diffusion / timestep sampler is handed ---------------------
 
 SIGMA, TIMESTEP, RANGE, COUNT = "sigma", "timestep", "range", "count"
 
@@ -106,15 +164,3 @@ def grid_for_call(kwargs: Mapping[str, Any], launch_steps: int | None, func_name
         n = int(kwargs.get("n") or fallback)
         return PassGrid(RANGE, (float(kwargs["sigma_max"]), float(kwargs["sigma_min"])), n)
     return PassGrid(COUNT, (), fallback)
-
-
-def counting_grid(steps: int, total_evaluations: int | None) -> PassGrid:
-    """For an evaluation no captured grid covers: place it by the host's own counter."""
-    steps = max(1, int(steps or 1))
-    per_step = (total_evaluations / steps) if total_evaluations else 1.0
-    return PassGrid(COUNT, (), steps, max(1.0, per_step))
-
-
-def steps_of_evaluations(positions: Sequence[float]) -> list[int]:
-    """Integer step indices of a list of positions (for logs and tests)."""
-    return [int(math.floor(p + 1e-9)) for p in positions]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.schedule import (
+from lib_scheduled_lora.core.schedule import (
     PIECE_SEPARATOR,
     WHITESPACE,
     Schedule,

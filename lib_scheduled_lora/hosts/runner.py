@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_scheduled_lora.engine import EngineSettings, ScheduledNetwork
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
 from lib_scheduled_lora.errors import ModelFormatError
-from lib_scheduled_lora.library import NetworkLibrary, strip_network_tags, tags_in_prompt
-from lib_scheduled_lora.samplers import LABELS, make_scheduler
+from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags, tags_in_prompt
+from lib_scheduled_lora.hosts.samplers import LABELS, make_scheduler
 
 
 def scheduled_networks(prompt: str, library: NetworkLibrary, *, hires: bool = False) -> list[ScheduledNetwork]:
     """Load every network the prompt's tags name, with the schedules of the chosen pass."""
-    from lib_scheduled_lora.networks.network import load_network
+    from lib_scheduled_lora.core.networks.loader import load_network
 
     networks = []
     for text, tag in tags_in_prompt(prompt):  # raises the first syntax error
@@ -107,7 +107,7 @@ def load_pipeline(model: str | None, config: str | None = None) -> tuple[Any, st
 def generate(request: GenerationRequest, *, progress: bool = False) -> GenerationResult:
     import torch
 
-    from lib_scheduled_lora.diffusers_hooks import attach
+    from lib_scheduled_lora.hosts.diffusers import attach
 
     tags_in_prompt(request.prompt)  # a malformed tag fails before the model is loaded
     pipe, label, default_dirs = load_pipeline(request.model, request.config)
