@@ -45,7 +45,6 @@
     // The host's regex <(\w+):([^>]+)>; Python's \w matches Unicode letters and numbers.
     var TAG_SOURCE = '<([\\p{L}\\p{N}_]+):([^>]+)>';
     var KINDS = ['lora', 'lyco', 'loractl'];
-    var HOST_KINDS = ['lora', 'lyco'];
     var SCHEDULE_KEYS = ['te', 'unet', 'hr', 'hrte', 'hrunet'];
     var NAMED_KEYS = SCHEDULE_KEYS.concat(['dyn']);
     var MAX_DYN_DIGITS = 9;
@@ -646,18 +645,6 @@
             this.dyn === other.dyn && JSON.stringify(this.passthrough) === JSON.stringify(other.passthrough);
     };
 
-    /** True when the host's own Lora extension does exactly what this tag means. */
-    Object.defineProperty(NetworkTag.prototype, 'isPlain', {
-        get: function () {
-            if (HOST_KINDS.indexOf(this.kind) < 0 || !isBareConstant(this.te) || !isBareConstant(this.unet)) {
-                return false;
-            }
-            return this.hrte.isConstant && this.hrunet.isConstant &&
-                this.hrte.atPosition(0) === this.te.atPosition(0) &&
-                this.hrunet.atPosition(0) === this.unet.atPosition(0);
-        },
-    });
-
     /** The canonical tag text, which parses back to an equal tag (see tags.py). */
     NetworkTag.prototype.format = function () {
         var args = [this.name];
@@ -811,10 +798,6 @@
 
     function firstNonSpace(text, index) {
         return index + text.length - lstrip(text, WHITESPACE).length;
-    }
-
-    function isBareConstant(schedule) {
-        return schedule.equals(Schedule.constant(schedule.pieces[0].keyframes[0].value));
     }
 
     // -- prompts --------------------------------------------------------------------------------

@@ -37,3 +37,11 @@ class ModelFormatError(ScheduledLoraError):
     def __init__(self, path: str, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class MissingNetworkError(ScheduledLoraError):
+    """A tag names a network that is not in the network folders."""
+
+
+class NotSafetensorsError(ScheduledLoraError):
+    """A scheduled tag names a network stored in a pickle format (.pt/.ckpt): never unpickled."""

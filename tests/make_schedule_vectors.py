@@ -252,7 +252,6 @@ def tag_vector(text: str, full: bool = True) -> dict[str, Any]:
         name=tag.name,
         dyn=tag.dyn,
         passthrough=[list(kv) for kv in tag.passthrough],
-        is_plain=tag.is_plain,
         schedules={key: getattr(tag, key).format() for key in ("te", "unet", "hrte", "hrunet")},
         in_steps={key: getattr(tag, key).in_steps for key in ("te", "unet", "hrte", "hrunet")},
         values={key: _values(getattr(tag, key), full) for key in ("te", "unet", "hrte", "hrunet")},

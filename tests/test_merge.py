@@ -7,6 +7,8 @@ Single-file results are converted back with diffusers' single-file converters be
 
 from __future__ import annotations
 
+import re
+
 import argparse
 import copy
 import filecmp
@@ -456,6 +458,20 @@ def test_parse_lora_spec():
     assert parse_lora_spec("a.safetensors:-1") == ("a.safetensors", -1.0)
     assert parse_lora_spec(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
     assert parse_lora_spec(r"C:\loras\a.safetensors:2") == (r"C:\loras\a.safetensors", 2.0)
+
+
+@pytest.mark.parametrize("tail", ["nan", "inf", "-inf", "Infinity", "1e999"])
+def test_lora_spec_strengths_follow_the_number_grammar(tail):
+    # Python's float() reads these; a NaN strength would write a NaN checkpoint.
+    with pytest.raises(NetworkFileError, match=rf"strength '{re.escape(tail)}' after ':' is not a finite number"):
+        parse_lora_spec(f"a.safetensors:{tail}")
+
+
+def test_lora_spec_strength_after_an_existing_file_must_be_a_number(tmp_path):
+    network = tmp_path / "a.safetensors"
+    network.write_bytes(b"")
+    with pytest.raises(NetworkFileError, match="strength '1_0' after ':' is not a number"):
+        parse_lora_spec(f"{network}:1_0")
 
 
 def test_merge_networks_refuses_networks_that_do_not_fit(tmp_path):

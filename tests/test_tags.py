@@ -228,29 +228,6 @@ def test_repr_is_the_canonical_text():
     assert repr(parse_tag("<lora:x:0~0.3:1.0>")) == "NetworkTag('<lora:x:0@0.3:1>')"
 
 
-# -- is_plain ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, plain",
-    [
-        ("<lora:x>", True),
-        ("<lora:x:0.8>", True),
-        ("<lyco:x:0.5:0.7:8:lbw=1,0>", True),
-        ("<lora:x:0.5:hr=0.5>", True),  # the host ignores hr=, but the value is the same
-        ("<lora:x:0.5:hrte=0.5@0.3>", True),  # a constant written with a position, ignored by the host
-        ("<loractl:x:0.8>", False),  # the host does not know this kind
-        ("<lora:x:0.5:hr=0.6>", False),  # the host would ignore hr=
-        ("<lora:x:0@0.3:1>", False),
-        ("<lora:x:0.5@0.3>", False),  # constant, but the host cannot float() it
-        ("<lora:x:1@0.5:1>", False),
-        ("<lora:x:1:0@5,1@6>", False),
-    ],
-)
-def test_is_plain(text, plain):
-    assert parse_tag(text).is_plain is plain
-
-
 # -- building modified tags --------------------------------------------------------------------
 
 

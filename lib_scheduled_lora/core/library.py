@@ -13,14 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_scheduled_lora.errors import ScheduledLoraError
+from lib_scheduled_lora.errors import MissingNetworkError
 from lib_scheduled_lora.core.tags import NetworkTag, find_tags
 
 NETWORK_SUFFIXES = (".safetensors",)
-
-
-class MissingNetworkError(ScheduledLoraError):
-    """A tag names a network that is not in the network folders."""
 
 
 @dataclass(frozen=True)

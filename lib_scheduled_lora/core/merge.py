@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, model_index
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
@@ -455,12 +456,16 @@ def load_networks(specs: Sequence[tuple[str, float]]) -> list[tuple[Network, flo
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``FILE[:W]`` -> (FILE, W); W defaults to 1. A colon not followed by a number is part of FILE
-    (``C:\\loras\\x.safetensors``)."""
+    """``FILE[:W]`` -> (FILE, W); W defaults to 1 and follows the schedule grammar's number syntax.
+
+    A colon not followed by something meant as a number is part of FILE
+    (``C:\\loras\\x.safetensors``); ``x.safetensors:nan`` (or ``inf``, ``1e999``) is an error.
+    """
     path, sep, tail = spec.rpartition(":")
-    if sep and path:
+    # A tail meant as a number, or one after an existing file (``x.safetensors:1_0``), is a strength.
+    if sep and path and (looks_like_a_number(tail) or (Path(path).is_file() and not Path(spec).exists())):
         try:
-            return path, float(tail)
-        except ValueError:
-            pass
+            return path, read_number(tail)
+        except NumberSyntaxError as exc:
+            raise NetworkFileError(path, f"strength {exc.text!r} after ':' {exc.problem}") from None
     return spec, 1.0

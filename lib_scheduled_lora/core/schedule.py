@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lib_scheduled_lora.core.numbers import NumberSyntaxError, format_number, read_number
 from lib_scheduled_lora.errors import ScheduleSyntaxError
 
 # A switch or keyframe at T takes effect at the first evaluation at or after T. Positions are
@@ -37,11 +38,6 @@ POSITION_MARKS = "@~"
 # ASCII only (not Python's Unicode whitespace) so that the JavaScript port behaves the same.
 WHITESPACE = " \t\n\r\f\v"
 
-# A decimal number with optional sign and exponent. Deliberately narrower than Python's float():
-# no "nan"/"inf", no underscores, no non-ASCII digits, so that every host (and JavaScript) reads
-# the same text the same way.
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
-_NON_FINITE_WORDS = frozenset({"nan", "inf", "infinity"})
 
 
 @dataclass(frozen=True)
@@ -402,15 +398,10 @@ def _parse_keyframe(part: str, index: int, tag: str, *, first: bool) -> _RawKeyf
 
 def _parse_number(part: str, index: int, tag: str) -> float:
     text, text_index = _strip(part, index)
-    if _NUMBER.fullmatch(text):
-        value = float(text)
-        if math.isfinite(value):
-            return value
-        # e.g. 1e999: a valid decimal that overflows.
-        raise ScheduleSyntaxError(tag, text, text_index + 1, "is not a finite number")
-    if text.lower().lstrip("+-") in _NON_FINITE_WORDS:
-        raise ScheduleSyntaxError(tag, text, text_index + 1, "is not a finite number")
-    raise ScheduleSyntaxError(tag, text, text_index + 1, "is not a number")
+    try:
+        return read_number(text)
+    except NumberSyntaxError as exc:
+        raise ScheduleSyntaxError(tag, text, text_index + 1, exc.problem) from None
 
 
 def _empty_part_error(
@@ -443,17 +434,6 @@ def _strip(part: str, index: int) -> Span:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def format_number(x: float) -> str:
-    """Shortest text that reads back as exactly ``x``, without a trailing ``.0`` (1.0 -> "1").
-
-    -0.0 prints as "0": they compare equal, and "-0" would only confuse.
-    """
-    if x == 0:
-        return "0"
-    text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
 
 
 def _make_piece(start: float, raw: Sequence[tuple[float, float | None]]) -> tuple[Piece, int]:

@@ -31,7 +31,7 @@ from torch import nn
 from lib_scheduled_lora.core.delta_cache import DeltaCache
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
 from lib_scheduled_lora.core.positions import PassGrid
-from lib_scheduled_lora.core.library import MissingNetworkError
+from lib_scheduled_lora.errors import MissingNetworkError
 from lib_scheduled_lora.core.networks.base import Network
 from lib_scheduled_lora.core.networks.loader import load_network
 from lib_scheduled_lora.core.tags import NetworkTag

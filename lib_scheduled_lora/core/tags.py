@@ -33,8 +33,6 @@ from lib_scheduled_lora.core.schedule import (
 # The host's own regex (modules/extra_networks.py), so that we see the same tags it does.
 TAG_PATTERN = re.compile(r"<(\w+):([^>]+)>")
 KINDS = ("lora", "lyco", "loractl")
-# The kinds the host's builtin Lora extension itself answers to (loractl is ours only).
-HOST_KINDS = ("lora", "lyco")
 SCHEDULE_KEYS = ("te", "unet", "hr", "hrte", "hrunet")
 NAMED_KEYS = (*SCHEDULE_KEYS, "dyn")
 # dyn is a rank limit; more digits than this is a typo, and would also hit Python's limit on
@@ -141,22 +139,6 @@ class NetworkTag:
     def schedules(self, hires: bool) -> tuple[Schedule, Schedule]:
         """(te, unet) for the first pass, or for the hires pass when ``hires``."""
         return (self.hrte, self.hrunet) if hires else (self.te, self.unet)
-
-    @property
-    def is_plain(self) -> bool:
-        """True when the host's own Lora extension does exactly what this tag means.
-
-        That needs a kind the host knows, te and unet written as plain numbers (the host does
-        float() on them), and hires multipliers equal to the first pass's, since the host ignores
-        ``hr=``/``hrte=``/``hrunet=``. A WebUI adapter leaves such tags to the host.
-        """
-        if self.kind not in HOST_KINDS or not (_is_bare_constant(self.te) and _is_bare_constant(self.unet)):
-            return False
-        return (
-            self.hrte.is_constant and self.hrunet.is_constant
-            and self.hrte.at_position(0) == self.te.at_position(0)
-            and self.hrunet.at_position(0) == self.unet.at_position(0)
-        )
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -335,11 +317,6 @@ def _valid_passthrough(key: str, value: str) -> bool:
         bool(key.strip(WHITESPACE)) and key not in NAMED_KEYS
         and not any(ch in key for ch in ":>=") and not any(ch in value for ch in ":>")
     )
-
-
-def _is_bare_constant(schedule: Schedule) -> bool:
-    """Written as a plain number (what the host's float() accepts)."""
-    return schedule == Schedule.constant(schedule.pieces[0].keyframes[0].value)
 
 
 # -- prompts ----------------------------------------------------------------------------------

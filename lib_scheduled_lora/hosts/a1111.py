@@ -35,10 +35,13 @@ from typing import Any
 
 from lib_scheduled_lora.core.engine import EngineSettings
 from lib_scheduled_lora.hosts.ownership import (
+    Owner,
+    TagIndex,
     batch_warning,
     is_ours,
+    rewrite_params,
+    route,
     scheduled_tags,
-    split_params,
     validate_prompts,
 )
 from lib_scheduled_lora.core.positions import PassGrid, grid_for_call
@@ -157,10 +160,11 @@ class ScheduledExtraNetwork:
         enabled = state.enabled if state is not None else True
         if not enabled and type(self.inner).__name__ != "ExtraNetworkLora":
             return self.inner.activate(p, params_list)
-        split = split_params("lora", params_list, enabled)
-        if split.ignored and state is not None:
-            state.ignored.extend(t for t in split.ignored if t not in state.ignored)
-        return self.inner.activate(p, split.host)
+        routes = route("lora", params_list, enabled, state.tags if state is not None else TagIndex())
+        rewrite_params(routes)  # the host, other extensions and the hires pass read these objects
+        if state is not None:
+            state.ignored.extend(r.text for r in routes if r.owner is Owner.DROPPED and r.text not in state.ignored)
+        return self.inner.activate(p, [r.params for r in routes if r.owner is Owner.HOST])
 
     def deactivate(self, p):
         return self.inner.deactivate(p)
@@ -202,6 +206,7 @@ class GenerationState:
 
     enabled: bool = True
     validated: bool = False
+    tags: TagIndex = field(default_factory=TagIndex)  # every tag text of this generation, parsed once
     ignored: list[str] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
     trace: list[Evaluation] = field(default_factory=list)
@@ -327,9 +332,7 @@ class A1111Integration:
         state = GenerationState(enabled=bool(enabled))
         setattr(p, STATE_ATTR, state)
         prompts = self._all_prompts(p)
-        from lib_scheduled_lora.core.tags import find_tags
-
-        has_ours = any(m.tag is None or is_ours(m.tag) for prompt in prompts for m in find_tags(prompt or ""))
+        has_ours = any(m.tag is None or is_ours(m.tag) for prompt in prompts for m in state.tags.in_prompt(prompt))
         if has_ours:
             if not state.enabled:
                 p.extra_generation_params[INFOTEXT_ENABLED] = "off"
@@ -358,7 +361,7 @@ class A1111Integration:
     def _init(self, p: Any, original: Callable, *args, **kwargs):
         state: GenerationState = getattr(p, STATE_ATTR)
         if state.enabled and not state.validated:
-            validate_prompts(self._all_prompts(p), self.host.find_network_file)  # raises: job stops here
+            validate_prompts(self._all_prompts(p), self.host.find_network_file, state.tags)  # raises: job stops here
             state.validated = True
         return original(*args, **kwargs)
 
@@ -378,7 +381,7 @@ class A1111Integration:
         hires_steps=None,
     ):
         state: GenerationState = getattr(p, STATE_ATTR)
-        tags = scheduled_tags(extra_network_data) if state.enabled else []
+        tags = scheduled_tags(extra_network_data, state.tags) if state.enabled else []
         if not tags:
             return original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
         hires = hires_steps is not None
@@ -408,7 +411,7 @@ class A1111Integration:
         state: GenerationState | None = getattr(p, STATE_ATTR, None)
         if state is None or not state.enabled:
             return
-        message = batch_warning(list(prompts))
+        message = batch_warning(list(prompts), state.tags)
         if message and getattr(p, "iteration", 0) not in state.warned_batches:
             state.warned_batches.add(getattr(p, "iteration", 0))
             log.warning(message)
@@ -424,7 +427,7 @@ class A1111Integration:
             return
         hires = bool(getattr(p, "is_hr_pass", False))
         data = getattr(p, "hr_extra_network_data", None) if hires else getattr(p, "extra_network_data", None)
-        tags = scheduled_tags(data)
+        tags = scheduled_tags(data, state.tags)
         sampler = getattr(p, "sampler", None)
         if not tags or sampler is None:
             return

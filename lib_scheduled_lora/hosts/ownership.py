@@ -1,50 +1,44 @@
-"""Which tags the host keeps, which we take, and whether a generation may start.
+"""Which tags the host's own Lora keeps, which we take, and whether a generation may start.
 
-The host (A1111, Forge) parses ``<kind:a:b:c>`` into an items list (``"a", "b", "c"``, with
-``key=value`` items named) and hands the lists of one pass to its extra-network handlers. We see
-the same lists: :func:`tag_from_items` re-joins them into the tag text the user wrote and parses
-it with the core grammar. A tag whose meaning the host's own Lora extension reproduces exactly
-(:attr:`NetworkTag.is_plain`) stays with the host, so plain tags are pixel-identical to the host
-by construction; every other tag is ours and must not reach the host's ``float()``.
+One decision, :func:`host_strengths`: a tag whose meaning the host's own Lora extension reproduces
+exactly (a host kind, constant schedules, the same strengths in the hires pass) stays with the
+host, so such tags are pixel-identical to the host by construction; every other tag is ours and
+must never reach the host's ``float()``.
+
+WebUI hosts (A1111, Forge) parse ``<kind:a:b:c>`` into an items list (``"a", "b", "c"``, with
+``key=value`` items named) and hand the lists of one pass to their extra-network handlers. We see
+the same lists; :class:`TagIndex` re-joins them into the tag text the user wrote and parses each
+distinct text once per generation. :func:`route` decides, without side effects, what happens to
+each params object; :func:`rewrite_params` then rewrites the shared params objects (the one side
+effect, explained there).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lib_scheduled_lora.errors import ScheduledLoraError, ScheduleSyntaxError
-from lib_scheduled_lora.core.library import MissingNetworkError
-from lib_scheduled_lora.core.schedule import format_number
-from lib_scheduled_lora.core.tags import HOST_KINDS, KINDS, NetworkTag, find_tags, parse_tag
+from lib_scheduled_lora.core.numbers import NUMBER, format_number
+from lib_scheduled_lora.core.tags import KINDS, NetworkTag, TagMatch, find_tags, parse_tag
+from lib_scheduled_lora.errors import MissingNetworkError, NotSafetensorsError, ScheduleSyntaxError
 
-log = logging.getLogger("scheduled_lora")
-
-OUR_KINDS = tuple(k for k in KINDS if k not in HOST_KINDS)  # ("loractl",): the host has no handler
+# The kinds the WebUI's builtin Lora extension answers to ("loractl" is ours only).
+HOST_KINDS = ("lora", "lyco")
 
 
-class NotSafetensorsError(ScheduledLoraError):
-    """A scheduled tag names a network stored in a pickle format (.pt/.ckpt)."""
+# -- the decision ---------------------------------------------------------------------------------
 
 
-def tag_text(kind: str, items: Sequence[Any]) -> str:
-    return f"<{kind}:{':'.join(str(item) for item in items)}>"
+def host_strengths(tag: NetworkTag) -> tuple[float, float] | None:
+    """``(te, unet)`` with which the host's own Lora does exactly what ``tag`` means, or None when
+    the tag is ours (a schedule, a hires override, or a kind the host does not know).
 
-
-def tag_from_items(kind: str, items: Sequence[Any]) -> NetworkTag:
-    """The parsed tag of one host ExtraNetworkParams ``items`` list; raises ScheduleSyntaxError."""
-    return parse_tag(tag_text(kind, items))
-
-
-def host_items(tag: NetworkTag) -> list[str] | None:
-    """The host's items for a tag whose meaning the host reproduces exactly, or None when it is ours.
-
-    Besides plain tags that covers constant schedules (``<lora:x:0.8@0,0.8@1>``): handing them to
-    the host as ``[name, te, unet]`` makes them pixel-identical to ``<lora:x:0.8>`` by construction.
+    A constant schedule (``<lora:x:0.8@0,0.8@1>``) counts as the host's: handed over as plain
+    numbers it is pixel-identical to ``<lora:x:0.8>`` by construction.
     """
     if tag.kind not in HOST_KINDS:
         return None
@@ -53,118 +47,189 @@ def host_items(tag: NetworkTag) -> list[str] | None:
         return None
     te, unet, hrte, hrunet = (s.at_position(0) for s in schedules)
     if (hrte, hrunet) != (te, unet):
-        return None
-    items = [tag.name, format_number(te), format_number(unet)]
-    if tag.dyn is not None:
-        items.append(f"dyn={tag.dyn}")
-    items += [f"{key}={value}" for key, value in tag.passthrough]
-    return items
+        return None  # the host ignores hr=/hrte=/hrunet=
+    return te, unet
 
 
 def is_ours(tag: NetworkTag) -> bool:
-    """True for tags the host cannot do exactly (schedules, hires overrides, our own kinds)."""
-    return not tag.is_plain and host_items(tag) is None
+    return host_strengths(tag) is None
+
+
+# -- parsing once ---------------------------------------------------------------------------------
+
+
+def tag_text(kind: str, items: Sequence[Any]) -> str:
+    """The tag text a host items list came from (the host split it on ``:``)."""
+    return f"<{kind}:{':'.join(str(item) for item in items)}>"
 
 
 @dataclass
-class Split:
-    """One handler call's params, divided: ``host`` goes to the host's Lora handler unchanged."""
+class TagIndex:
+    """Every tag text of one generation parsed once (prompts, and the host's items lists)."""
 
-    host: list[Any] = field(default_factory=list)
-    ours: list[NetworkTag] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)  # tag texts dropped (disabled, or malformed)
+    _matches: dict[str, TagMatch] = field(default_factory=dict)
+    _prompts: dict[str, list[TagMatch]] = field(default_factory=dict)
 
+    def in_prompt(self, prompt: str | None) -> list[TagMatch]:
+        """The tags of ``prompt`` (parsed or with their error), in order."""
+        prompt = prompt or ""
+        found = self._prompts.get(prompt)
+        if found is None:
+            found = [self._matches.setdefault(m.text, m) for m in find_tags(prompt)]
+            self._prompts[prompt] = found
+        return found
+
+    def parse(self, text: str) -> NetworkTag:
+        """The tag of one whole tag text; raises its ScheduleSyntaxError."""
+        match = self._matches.get(text)
+        if match is None:
+            try:
+                match = TagMatch(0, len(text), text, tag=parse_tag(text))
+            except ScheduleSyntaxError as exc:
+                match = TagMatch(0, len(text), text, error=exc)
+            self._matches[text] = match
+        if match.error is not None:
+            raise match.error
+        assert match.tag is not None
+        return match.tag
+
+
+# -- routing a handler's params -------------------------------------------------------------------
 
 TAG_ATTR = "scheduled_lora_tag"  # our parsed tag, kept on a params object whose items we rewrote
 MARK_KEY = "scheduled_lora"  # the named item that stands in for a schedule in rewritten items
 
 
-def _set_items(params: Any, items: list[str]) -> None:
-    """Give a host params object new items, re-deriving ``positional``/``named`` with its own class."""
-    params.__dict__.update(vars(type(params)(items=items)))
+class Owner(Enum):
+    HOST = "host"  # passed on to the host's handler
+    OURS = "ours"  # applied per step by our engine
+    DROPPED = "dropped"  # neither: the switch is off (scheduled tag) or the tag is malformed
 
 
-def _mark(params: Any, tag: NetworkTag) -> None:
-    """Rewrite a scheduled tag's params for every other reader of the prompt's extra-network data.
+@dataclass(frozen=True)
+class Route:
+    """What happens to one params object of a host handler call."""
 
-    Other extensions read the same params objects after activation (LoRA Block Weight parses
-    their items with ``float()``, fails on ``~`` or ``te=0@0,1@1``, and then drops its block
-    weights for every network of the prompt). They see ``[name, "scheduled_lora=<digest>"]``: a
-    network with no strength of theirs (the host never loads it; we apply it per step), and
-    items that still differ between schedules, so the host's conditioning cache keys stay apart.
-    """
-    digest = hashlib.sha1(tag.format().encode()).hexdigest()[:12]
-    _set_items(params, [tag.name, f"{MARK_KEY}={digest}"])
-    setattr(params, TAG_ATTR, tag)
+    params: Any
+    owner: Owner
+    tag: NetworkTag | None  # None for entries that are no text tag, and malformed ones
+    text: str  # the tag as written (for messages)
+    new_items: list[str] | None = None  # what rewrite_params gives the params object, if anything
 
 
-def _params_tag(kind: str, params: Any) -> NetworkTag | None:
+def params_tag(kind: str, params: Any, tags: TagIndex) -> NetworkTag | None:
     """The tag of one params object: ours when we marked it, else parsed from its items.
-    None for params that are not a text tag (e.g. the host's own "additional network" entry);
-    raises ScheduleSyntaxError for a malformed one."""
+    None for params that are not a text tag (e.g. the host's own "additional network" entry,
+    whose multiplier is a float); raises ScheduleSyntaxError for a malformed one."""
     tag = getattr(params, TAG_ATTR, None)
     if tag is not None:
         return tag
     items = list(getattr(params, "items", None) or [])
     if not items or any(not isinstance(item, str) for item in items[1:]):
         return None
-    return tag_from_items(kind, items)
+    return tags.parse(tag_text(kind, items))
 
 
-def split_params(kind: str, params_list: Iterable[Any], enabled: bool) -> Split:
-    """Divide a host handler's ``params_list`` (objects with ``.items``).
+def _reads_as_written(items: Sequence[Any]) -> bool:
+    """The host's float() reads the strengths exactly as written: the first two positional
+    arguments and ``te=``/``unet=`` are plain numbers."""
+    texts = [str(item) for item in items[1:]]
+    positional = [text for text in texts if "=" not in text][:2]
+    named = [text.partition("=")[2] for text in texts if text.partition("=")[0] in ("te", "unet")]
+    return all(NUMBER.fullmatch(text.strip()) for text in positional + named)
 
-    Plain tags are passed on as the very same objects (named arguments we do not own, such as
-    ``lbw=``, included). Constant schedules are rewritten in place to the host's plain numbers
-    (so that other extensions read the same strength the host applies) and passed on. Scheduled
-    tags are ours when ``enabled``; when disabled they are dropped (the host would fail on them)
-    and listed in ``ignored``; either way their items are rewritten (:func:`_mark`). Malformed
-    tags are dropped too: the generation is stopped before sampling with the parse error (see
-    :func:`validate_prompts`).
+
+def host_items(tag: NetworkTag, strengths: tuple[float, float]) -> list[str]:
+    """The items the host's Lora reads as ``tag`` (plain numbers; our own arguments dropped)."""
+    items = [tag.name, format_number(strengths[0]), format_number(strengths[1])]
+    if tag.dyn is not None:
+        items.append(f"dyn={tag.dyn}")
+    return items + [f"{key}={value}" for key, value in tag.passthrough]
+
+
+def stand_in_items(tag: NetworkTag) -> list[str]:
+    """What other readers of the prompt's network data see for a scheduled tag.
+
+    Other extensions read the same params objects after activation (LoRA Block Weight parses
+    their items with ``float()``, fails on ``~`` or ``te=0@0,1@1``, and then drops its block
+    weights for every network of the prompt). They see ``[name, "scheduled_lora=<digest>"]``: a
+    network with no strength of theirs (the host never loads it; we apply it per step), and items
+    that still differ between schedules, so the host's conditioning cache keys stay apart.
     """
-    split = Split()
+    digest = hashlib.sha1(tag.format().encode()).hexdigest()[:12]
+    return [tag.name, f"{MARK_KEY}={digest}"]
+
+
+def route(kind: str, params_list: Iterable[Any], enabled: bool, tags: TagIndex) -> list[Route]:
+    """Decide, for each params object of a host handler call, who applies it. No side effects.
+
+    Plain tags go to the host as the very same objects (named arguments we do not own, such as
+    ``lbw=``, included). Constant schedules go to the host rewritten to its plain numbers, so that
+    other extensions read the strength the host applies. Scheduled tags are ours when ``enabled``
+    and dropped otherwise (the host would fail on them); either way their items become a stand-in.
+    Malformed tags are dropped: the generation is stopped before sampling with the parse error
+    (:func:`validate_prompts`).
+    """
+    routes = []
     for params in params_list:
+        items = getattr(params, "items", [])
         try:
-            tag = _params_tag(kind, params)
+            tag = params_tag(kind, params, tags)
         except ScheduleSyntaxError:
-            split.ignored.append(tag_text(kind, params.items))
+            routes.append(Route(params, Owner.DROPPED, None, tag_text(kind, items)))
             continue
-        if tag is None or tag.is_plain:
-            split.host.append(params)
-        elif not is_ours(tag):
-            _set_items(params, host_items(tag))  # a constant schedule
-            split.host.append(params)
+        if tag is None:
+            routes.append(Route(params, Owner.HOST, None, tag_text(kind, items)))
+            continue
+        strengths = host_strengths(tag)
+        if strengths is not None:
+            new = None if _reads_as_written(items) else host_items(tag, strengths)
+            routes.append(Route(params, Owner.HOST, tag, tag.format(), new))
         else:
-            _mark(params, tag)
-            if enabled:
-                split.ours.append(tag)
-            else:
-                split.ignored.append(tag.format())
-    return split
+            owner = Owner.OURS if enabled else Owner.DROPPED
+            routes.append(Route(params, owner, tag, tag.format(), stand_in_items(tag)))
+    return routes
 
 
-def scheduled_tags(extra_network_data: Mapping[str, Sequence[Any]] | None) -> list[NetworkTag]:
+def rewrite_params(routes: Iterable[Route]) -> None:
+    """Give the host's params objects their new items: in place, because the host, other
+    extensions and the next (hires) pass all read these very objects (see :func:`stand_in_items`).
+    ``positional``/``named`` are re-derived with the params object's own class; a scheduled tag
+    keeps its parsed tag on the object (:data:`TAG_ATTR`), so the hires pass finds it again."""
+    for r in routes:
+        if r.new_items is None:
+            continue
+        r.params.__dict__.update(vars(type(r.params)(items=r.new_items)))
+        if r.owner is not Owner.HOST and r.tag is not None:
+            setattr(r.params, TAG_ATTR, r.tag)
+
+
+def scheduled_tags(extra_network_data: Mapping[str, Sequence[Any]] | None, tags: TagIndex) -> list[NetworkTag]:
     """Our tags among one pass's extra-network data (``{kind: [params, ...]}``), in prompt order
     per kind. The host builds that data from the batch's first prompt only."""
-    tags: list[NetworkTag] = []
+    found: list[NetworkTag] = []
     for kind in KINDS:
         for params in (extra_network_data or {}).get(kind, ()):
             try:
-                tag = _params_tag(kind, params)
+                tag = params_tag(kind, params, tags)
             except ScheduleSyntaxError:
                 continue  # reported by validate_prompts before sampling
             if tag is not None and is_ours(tag):
-                tags.append(tag)
-    return tags
+                found.append(tag)
+    return found
 
+
+# -- validation before sampling -------------------------------------------------------------------
 
 # LoRA Block Weight's arguments. It applies them to the networks the host's Lora loads (it scales
 # their factors, and changes their multipliers from its own denoiser callback for start/stop), so
-# on a scheduled tag they would silently do nothing.
+# on a tag we apply they would silently do nothing.
 BLOCK_WEIGHT_KEYS = ("lbw", "w", "lbwe", "start", "stop", "step")
 
 
-def _check_host_only_arguments(text: str, tag: NetworkTag) -> None:
+def check_arguments(text: str, tag: NetworkTag) -> None:
+    """Refuse arguments that only the host's own Lora (with LoRA Block Weight) acts on, on a tag
+    that Scheduled LoRA applies; raises ScheduleSyntaxError naming the argument and its column."""
     for key, value in tag.passthrough:
         if key in BLOCK_WEIGHT_KEYS:
             column = text.find(f":{key}=") + 2
@@ -183,7 +248,11 @@ def _check_host_only_arguments(text: str, tag: NetworkTag) -> None:
 
 
 def validate_prompts(
-    prompts: Iterable[str], find_file: Callable[[str], str | None], *, check_names: bool = True
+    prompts: Iterable[str | None],
+    find_file: Callable[[str], str | None],
+    tags: TagIndex,
+    *,
+    check_names: bool = True,
 ) -> list[NetworkTag]:
     """Raise the first problem of any prompt's network tags, before anything is sampled.
 
@@ -194,14 +263,14 @@ def validate_prompts(
     ours: list[NetworkTag] = []
     seen: set[str] = set()
     for prompt in prompts:
-        for match in find_tags(prompt or ""):
+        for match in tags.in_prompt(prompt):
             if match.error is not None:
                 raise match.error
             tag = match.tag
             assert tag is not None
             scheduled = is_ours(tag)
             if scheduled:
-                _check_host_only_arguments(match.text, tag)
+                check_arguments(match.text, tag)
                 ours.append(tag)
             if not check_names or (match.text in seen):
                 continue
@@ -217,7 +286,7 @@ def validate_prompts(
     return ours
 
 
-def batch_warning(prompts: Sequence[str]) -> str | None:
+def batch_warning(prompts: Sequence[str | None], tags: TagIndex) -> str | None:
     """A message when the prompts of one batch ask for different scheduled tags.
 
     The host activates the first prompt's networks for the whole batch (``parse_prompts``); so do
@@ -226,8 +295,8 @@ def batch_warning(prompts: Sequence[str]) -> str | None:
     if len(prompts) < 2:
         return None
 
-    def key(prompt: str) -> tuple[str, ...]:
-        return tuple(m.tag.format() for m in find_tags(prompt or "") if m.tag is not None and is_ours(m.tag))
+    def key(prompt: str | None) -> tuple[str, ...]:
+        return tuple(m.tag.format() for m in tags.in_prompt(prompt) if m.tag is not None and is_ours(m.tag))
 
     first = key(prompts[0])
     differing = [i + 1 for i, prompt in enumerate(prompts) if key(prompt) != first]

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.hosts.ownership import is_ours
-from lib_scheduled_lora.core.schedule import Schedule, format_number, parse_schedule
+from lib_scheduled_lora.core.numbers import NumberSyntaxError, format_number, read_number
+from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 from lib_scheduled_lora.core.tags import NetworkTag, TagMatch, map_tags
 
 _NAMED = re.compile(r"^\s*([^=:<>]+?)\s*=(.*)$", re.S)
@@ -34,16 +35,12 @@ def parse_schedule_value(value: str) -> tuple[str | None, Schedule]:
 
 
 def parse_number_value(value: str) -> tuple[str | None, float]:
+    """``"wday=0.5"`` -> ("wday", 0.5), in the schedule grammar's number syntax (no ``1_0``, ``nan``)."""
     name, text = split_name(value)
     try:
-        number = float(text)
-    except ValueError:
-        raise ScheduleSyntaxError(
-            str(value), text, len(str(value)) - len(text) + 1, "is not a number"
-        ) from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ScheduleSyntaxError(str(value), text, len(str(value)) - len(text) + 1, "is not a finite number")
-    return name, number
+        return name, read_number(text)
+    except NumberSyntaxError as exc:
+        raise ScheduleSyntaxError(str(value), text, len(str(value)) - len(text) + 1, exc.problem) from None
 
 
 def schedule_label(value: str) -> str:

@@ -44,7 +44,6 @@ function checkTagVector(v) {
     assert.equal(tag.name, v.name);
     assert.equal(tag.dyn, v.dyn);
     assert.deepEqual(tag.passthrough, v.passthrough);
-    assert.equal(tag.isPlain, v.is_plain, v.text);
     for (const key of KEYS) {
         assert.equal(tag[key].format(), v.schedules[key], `${v.text} ${key}`);
         assert.equal(tag[key].inSteps, v.in_steps[key], `${v.text} ${key}`);
