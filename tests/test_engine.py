@@ -275,3 +275,26 @@ def test_a_partial_network_is_restored_exactly(tmp_path, mode):
         _run(weights, 9)
         assert weights.layers == len(network.modules)
     _assert_identical(model, before)
+
+
+@pytest.mark.parametrize("order", ["full alone", "full then lora", "lora then full"])
+def test_bias_change_does_not_depend_on_tag_order(tmp_path, order):
+    """A full network with diff_b changes its layer's bias by 1.0, whether or not a LoRA without
+    a bias term targets the same layer first."""
+    model = _model()
+    weight = "unet.down_blocks.0.attentions.0.proj_in.weight"
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    shape = tuple(model.get_parameter(weight).shape)
+    full = {f"{key}.diff": torch.zeros(shape), f"{key}.diff_b": torch.ones(shape[0])}
+    save_file(full, str(tmp_path / "full.safetensors"))
+    full_net = ScheduledNetwork(load_network(tmp_path / "full.safetensors", name="full"), te=_sched("1"), unet=_sched("1"))
+    lora_net = ScheduledNetwork(
+        _network(tmp_path, select=lambda k: k == key), te=_sched("1"), unet=_sched("0")
+    )  # targets the same layer, at 0: only the full network's bias change shows
+    networks = {"full alone": [full_net], "full then lora": [full_net, lora_net], "lora then full": [lora_net, full_net]}
+    bias = model.get_parameter(weight.replace(".weight", ".bias"))
+    before = bias.detach().clone()
+    with ScheduledWeights(model, networks[order], EngineSettings(mode="merge")) as weights:
+        _run(weights, 4)
+        torch.testing.assert_close(bias.detach() - before, torch.ones_like(before), atol=1e-6, rtol=0)
+    assert torch.equal(bias.detach(), before)

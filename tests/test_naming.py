@@ -11,11 +11,11 @@ import pytest
 import torch
 from support.sd_layouts import FAMILIES, FakeBiasModule, FakeModule, kohya_keys, tiny_sd
 
+from lib_scheduled_lora.core.networks.family import guess_family
 from lib_scheduled_lora.core.naming import (
     NetworkMapping,
     Target,
     detect_layout,
-    guess_network_family,
     map_network,
     model_index,
     unet_diffusers_to_ldm,
@@ -389,13 +389,16 @@ def test_network_for_another_family_is_incompatible(network, model):
         assert "SDXL" in mapping.incompatible
 
 
-def test_guess_network_family():
-    assert guess_network_family(["lora_te1_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
-    assert guess_network_family(["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"]) == "sdxl"
-    assert guess_network_family(["lora_te_text_model_encoder_layers_0_mlp_fc1"]) == "sd"
-    assert guess_network_family(["lora_unet_down_blocks_0_attentions_0_proj_in"]) == "sd"
-    assert guess_network_family(["lora_unet_down_blocks_1_attentions_0_proj_in"]) is None
-    assert guess_network_family(["lora_te_x", "lora_te2_x"]) is None
+def test_guess_family_from_names_alone():
+    def family(*keys):
+        return guess_family({key: FakeModule(key, (1,)) for key in keys}).family
+
+    assert family("lora_te1_text_model_encoder_layers_0_mlp_fc1") == "sdxl"
+    assert family("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q") == "sdxl"
+    assert family("lora_te_text_model_encoder_layers_0_mlp_fc1") == "sd"
+    assert family("lora_unet_down_blocks_0_attentions_0_proj_in") == "sd"
+    assert family("lora_unet_down_blocks_1_attentions_0_proj_in") == "unknown"  # alike in every family
+    assert family("lora_te_x", "lora_te2_x") == "unknown"  # signs of both families
 
 
 def test_unknown_model_lists_everything_unmatched():
@@ -441,39 +444,72 @@ def test_index_is_cached_per_model():
     )
 
 
-def test_delta_numel_of_real_modules(tmp_path):
-    """Sizes known without computing ΔW: LoRA, LoCon (kxk), Tucker (lora_mid), DoRA; unknown for others."""
+def test_every_module_kind_states_its_size_without_computing_delta(tmp_path):
+    """delta_numel and fits, from the file's tensors alone, agree with the ΔW each module computes:
+    LoRA, LoCon (kxk), Tucker (lora_mid), DoRA, LoHa (plain and Tucker), LoKr, full, norm, IA3."""
     from safetensors.torch import save_file
 
-    from lib_scheduled_lora.core.naming import delta_numel
     from lib_scheduled_lora.core.networks.loader import load_network
 
     g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
     r = 2
     state = {
-        "lora_unet_a.lora_down.weight": torch.randn(r, 8, generator=g),
-        "lora_unet_a.lora_up.weight": torch.randn(6, r, generator=g),
-        "lora_unet_b.lora_down.weight": torch.randn(r, 4, 3, 3, generator=g),
-        "lora_unet_b.lora_up.weight": torch.randn(5, r, 1, 1, generator=g),
-        "lora_unet_c.lora_down.weight": torch.randn(r, 4, 1, 1, generator=g),
-        "lora_unet_c.lora_mid.weight": torch.randn(r, r, 3, 3, generator=g),
-        "lora_unet_c.lora_up.weight": torch.randn(5, r, 1, 1, generator=g),
-        "lora_unet_d.lora_down.weight": torch.randn(r, 8, generator=g),
-        "lora_unet_d.lora_up.weight": torch.randn(6, r, generator=g),
+        "lora_unet_a.lora_down.weight": rnd(r, 8), "lora_unet_a.lora_up.weight": rnd(6, r),
+        "lora_unet_b.lora_down.weight": rnd(r, 4, 3, 3), "lora_unet_b.lora_up.weight": rnd(5, r, 1, 1),
+        "lora_unet_c.lora_down.weight": rnd(r, 4, 1, 1), "lora_unet_c.lora_mid.weight": rnd(r, r, 3, 3),
+        "lora_unet_c.lora_up.weight": rnd(5, r, 1, 1),
+        "lora_unet_d.lora_down.weight": rnd(r, 8), "lora_unet_d.lora_up.weight": rnd(6, r),
         "lora_unet_d.dora_scale": torch.rand(6, 1, generator=g) + 0.5,
-        "lora_unet_e.hada_w1_a": torch.randn(6, r, generator=g),
-        "lora_unet_e.hada_w1_b": torch.randn(r, 8, generator=g),
-        "lora_unet_e.hada_w2_a": torch.randn(6, r, generator=g),
-        "lora_unet_e.hada_w2_b": torch.randn(r, 8, generator=g),
+        "lora_unet_e.hada_w1_a": rnd(6, r), "lora_unet_e.hada_w1_b": rnd(r, 8),
+        "lora_unet_e.hada_w2_a": rnd(6, r), "lora_unet_e.hada_w2_b": rnd(r, 8),
+        "lora_unet_f.hada_w1_a": rnd(r, 5), "lora_unet_f.hada_w1_b": rnd(r, 4), "lora_unet_f.hada_t1": rnd(r, r, 3, 3),
+        "lora_unet_f.hada_w2_a": rnd(r, 5), "lora_unet_f.hada_w2_b": rnd(r, 4), "lora_unet_f.hada_t2": rnd(r, r, 3, 3),
+        "lora_unet_g.lokr_w1": rnd(2, 2), "lora_unet_g.lokr_w2_a": rnd(3, r), "lora_unet_g.lokr_w2_b": rnd(r, 4),
+        "lora_unet_h.diff": rnd(6, 8), "lora_unet_h.diff_b": rnd(6),
+        "lora_unet_i.w_norm": rnd(6), "lora_unet_i.b_norm": rnd(6),
+        "lora_unet_j.weight": rnd(8), "lora_unet_j.on_input": torch.tensor(1),
     }
     save_file(state, tmp_path / "n.safetensors")
     modules = load_network(tmp_path / "n.safetensors").modules
     shapes = {
-        "lora_unet_a": (6, 8),
-        "lora_unet_b": (5, 4, 3, 3),
-        "lora_unet_c": (5, 4, 3, 3),
-        "lora_unet_d": (6, 8),
+        "lora_unet_a": (6, 8), "lora_unet_b": (5, 4, 3, 3), "lora_unet_c": (5, 4, 3, 3), "lora_unet_d": (6, 8),
+        "lora_unet_e": (6, 8), "lora_unet_f": (5, 4, 3, 3), "lora_unet_g": (6, 8), "lora_unet_h": (6, 8),
+        "lora_unet_i": (6,), "lora_unet_j": (6, 8),
     }
     for key, shape in shapes.items():
-        assert delta_numel(modules[key]) == modules[key].weight_delta(torch.randn(shape)).numel(), key
-    assert delta_numel(modules["lora_unet_e"]) is None
+        module = modules[key]
+        assert module.fits(shape) is None, key
+        assert module.fits(tuple(s + 1 for s in shape)) is not None, key  # the wrong widths are refused
+        numel = module.delta_numel()
+        assert numel is None or numel == module.weight_delta(torch.randn(shape)).numel(), key
+    assert modules["lora_unet_j"].delta_numel() is None  # IA3: as large as the layer it scales
+    assert [k for k, m in modules.items() if m.changes_bias] == ["lora_unet_h", "lora_unet_i"]
+    assert [k for k, m in modules.items() if m.can_bypass] == ["lora_unet_a", "lora_unet_b", "lora_unet_c"]
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "full", "ia3", "norm"])
+def test_wrong_width_of_every_module_kind_is_refused_before_sampling(kind):
+    """Not only LoRA: every kind of module whose size does not fit its layer is unmatched when the
+    network is mapped (so nothing is written mid-sampling), with the same one-line reason."""
+    from lib_scheduled_lora.core.networks.modules import build_module
+
+    state = _shapes(_state("sd1", "diffusers"))
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    out, inp = state["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    wrong = inp + 3
+    tensors = {
+        "loha": {"hada_w1_a": torch.ones(out, 2), "hada_w1_b": torch.ones(2, wrong),
+                 "hada_w2_a": torch.ones(out, 2), "hada_w2_b": torch.ones(2, wrong)},
+        "lokr": {"lokr_w1": torch.ones(1, 1), "lokr_w2": torch.ones(out, wrong)},
+        "full": {"diff": torch.ones(out, wrong)},
+        "ia3": {"weight": torch.ones(out + 3)},
+        "norm": {"w_norm": torch.ones(out, wrong)},
+    }[kind]
+    module, _ = build_module(key, tensors, "x.safetensors")
+    mapping = map_network({key: module}, state)
+    assert mapping.targets == [] and mapping.unmatched == [key]
+    assert mapping.incompatible.startswith("1 layer(s) have the wrong size for this SD 1.x model (first: " + key)

@@ -17,7 +17,13 @@ from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 from lib_scheduled_lora.core.networks import files
 from lib_scheduled_lora.core.networks.files import read_safetensors, write_safetensors_atomic
 from lib_scheduled_lora.core.networks.modules import IA3Module, LohaModule, LokrModule, LoraModule
-from lib_scheduled_lora.core.networks.loader import guess_family, layer_kind, load_network
+from lib_scheduled_lora.core.networks.describe import layer_kind
+from lib_scheduled_lora.core.networks.family import guess_family
+from lib_scheduled_lora.core.networks.loader import load_network
+
+
+def _guess(network):
+    return guess_family(network.modules, network.metadata)
 
 
 def rand(*shape, seed=0):
@@ -343,7 +349,7 @@ def test_transformers5_text_encoder_names_and_sdxl_pair(tmp_path):
     tensors = {**peft_pair(f"text_encoder.{flat}", inp=768, out=768), **peft_pair(f"text_encoder_2.{TE_Q}", inp=1280, out=1280)}
     network = load_network(save(tmp_path, tensors))
     assert sorted(network.modules) == ["lora_te1_" + TE_Q.replace(".", "_"), "lora_te2_" + TE_Q.replace(".", "_")]
-    assert guess_family(network).family == "sdxl"
+    assert _guess(network).family == "sdxl"
 
 
 def test_peft_alpha_from_keys_and_from_adapter_metadata(tmp_path):
@@ -399,13 +405,24 @@ def test_two_spellings_of_one_layer_keep_the_first(tmp_path):
     ],
 )
 def test_guess_family(tmp_path, metadata, context, family):
-    tensors = dict(kohya_lora())
+    # Layers of the second level, alike in every family, so that only widths and metadata tell.
+    neutral = KOHYA_Q.replace("down_blocks_0", "down_blocks_1")
+    tensors = dict(kohya_lora(name=neutral))
     if context:
-        tensors.update(kohya_lora(inp=context, name=KOHYA_Q.replace("attn1_to_q", "attn2_to_k")))
-    guess = guess_family(load_network(save(tmp_path, tensors, metadata)))
+        tensors.update(kohya_lora(inp=context, name=neutral.replace("attn1_to_q", "attn2_to_k")))
+    guess = _guess(load_network(save(tmp_path, tensors, metadata)))
     assert guess.family == family and guess.reasons
     if context and metadata:
         assert any("suggests" in reason for reason in guess.reasons)
+
+
+def test_layer_names_outweigh_metadata_and_say_sd_when_widths_cannot_tell(tmp_path):
+    """down_blocks_0 attention exists only in SD 1.x/2.x: a file with it is not an SDXL file,
+    whatever its metadata says; metadata then only tells 1.x from 2.x."""
+    sdxl_meta = _guess(load_network(save(tmp_path, kohya_lora(), {"ss_base_model_version": "sdxl_base_v1-0"})))
+    assert sdxl_meta.family == "sd" and any("suggests SDXL" in r for r in sdxl_meta.reasons)
+    assert _guess(load_network(save(tmp_path, kohya_lora(), {"ss_v2": "True"}))).family == "sd2"
+    assert _guess(load_network(save(tmp_path, kohya_lora()))).family == "sd"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "FLUX", "unknown": "unknown"}
 MAX_UNRECOGNISED_SHOWN = 20
 
 
@@ -49,12 +48,13 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def format_report(network, show_modules: bool = False) -> str:
-    from lib_scheduled_lora.core.networks.loader import describe_module, guess_family
+    from lib_scheduled_lora.core.networks.describe import describe_module
+    from lib_scheduled_lora.core.networks.family import guess_family
 
     infos = [describe_module(key, module) for key, module in network.modules.items()]
-    family = guess_family(network)
+    family = guess_family(network.modules, network.metadata)
     lines = [f"file: {network.path}"]
-    lines.append(f"base model: {FAMILY_LABELS.get(family.family, family.family)} ({'; '.join(family.reasons)})")
+    lines.append(f"base model: {family.label} ({'; '.join(family.reasons)})")
 
     counts: dict[str, int] = {}
     for info in infos:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lib_scheduled_lora.core.combine import Term, combine
 from lib_scheduled_lora.core.delta_cache import DeltaCache
 from lib_scheduled_lora.core.naming import Target, map_network
+from lib_scheduled_lora.core.networks.algorithms import lora_bypass
 from lib_scheduled_lora.core.networks.base import LowRankFactors, Network
 from lib_scheduled_lora.core.schedule import Schedule
 
@@ -208,6 +209,10 @@ class ScheduledWeights:
         key = (target.weight, target.rows)
         layer = self._layers.get(key)
         if layer is not None:
+            if layer.bias_param is None and target.bias:
+                # A later network may change the bias where an earlier one did not (LoRA, then a
+                # full network with diff_b): the layer's bias is bound by whichever asks first.
+                layer.bias_param = params[target.bias]
             return layer
         module_name = target.weight.rpartition(".")[0]
         layer = _Layer(
@@ -306,11 +311,13 @@ class ScheduledWeights:
             layer.back_to_base()
             return
         out = layer.writable()
-        deltas = [(m, self._delta(layer, part)) for m, part in merged]
-        _combine_into(out, layer.base, deltas)
-        if layer.bias is not None:
-            _combine_into(layer.bias, layer.base_bias, [(m, p.bias_delta) for m, p in merged if p.bias_delta is not None])
-        self.stats.bytes_moved += _nbytes(out) * 2 + sum(_nbytes(d) for _, d in deltas)
+        assert layer.base is not None
+        terms = [Term(m, part.target.module, self._delta(layer, part)) for m, part in merged]
+        combine(layer.base, terms, out=out)
+        bias = layer.bias
+        if bias is not None and layer.base_bias is not None:
+            combine(layer.base_bias, [Term(m, None, p.bias_delta) for m, p in merged if p.bias_delta is not None], out=bias)
+        self.stats.bytes_moved += _nbytes(out) * 2 + sum(_nbytes(t.delta) for t in terms if t.delta is not None)
 
     def _delta(self, layer: _Layer, part: _Contribution) -> torch.Tensor:
         if part.delta is not None:
@@ -359,23 +366,6 @@ def _component(target_component: str) -> str:
     return "te" if target_component in TEXT_COMPONENTS else "unet"
 
 
-def _combine_into(out: torch.Tensor, base: torch.Tensor, deltas: list[tuple[float, torch.Tensor]]) -> None:
-    """out ← round(base + Σ m·Δ), accumulated in float32, rounded once to out's dtype."""
-    if not deltas:
-        out.copy_(base)
-        return
-    (m0, d0), rest = deltas[0], deltas[1:]
-    if out.dtype == torch.float32:
-        torch.add(base, d0.view_as(base), alpha=m0, out=out)  # one fused pass, no temporary
-        for m, d in rest:
-            out.add_(d.view_as(base), alpha=m)
-        return
-    acc = torch.add(base.float(), d0.view_as(base), alpha=m0)
-    for m, d in rest:
-        acc.add_(d.view_as(base), alpha=m)
-    out.copy_(acc)
-
-
 def _count_changes(schedule: Schedule, steps: int) -> int:
     """How many times the multiplier changes over the steps (leaving 0 at the start counts)."""
     values = [0.0, *schedule.values(steps)]
@@ -411,9 +401,7 @@ def _bypass_is_cheaper(layer: _Layer, factors: LowRankFactors, tokens: int, chan
 
 
 def _can_bypass(layer: _Layer, part: _Contribution) -> bool:
-    if layer.module is None or part.target.module.low_rank() is None:
-        return False
-    return isinstance(layer.module, (nn.Linear, nn.Conv2d))
+    return part.target.module.can_bypass and isinstance(layer.module, (nn.Linear, nn.Conv2d))
 
 
 class _BypassHook:
@@ -479,12 +467,7 @@ class _BypassHook:
 
     def _low_rank_forward(self, f: LowRankFactors, x: torch.Tensor) -> torch.Tensor:
         module = self.module
-        if isinstance(module, nn.Linear):
-            return F.linear(F.linear(x, f.down), f.up)
-        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-        if f.mid is not None:
-            h = F.conv2d(x, f.down)
-            h = F.conv2d(h, f.mid, **conv)
-        else:
-            h = F.conv2d(x, f.down, **conv)
-        return F.conv2d(h, f.up)
+        if isinstance(module, nn.Conv2d):
+            conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+            return lora_bypass(x, f.down, f.up, f.mid, conv)
+        return lora_bypass(x, f.down, f.up)

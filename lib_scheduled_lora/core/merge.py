@@ -3,7 +3,7 @@
 Two levels:
 
 * :func:`merge_networks` — pure: a state dict (names as :mod:`lib_scheduled_lora.core.naming` reads
-  them) and networks in, the changed tensors and a report out. The WebUI merge tab uses it.
+  them) and networks in, the changed tensors and a report out.
 * :func:`merge_model` — files: a diffusers folder or a single-file ldm/sgm ``.safetensors``
   checkpoint in, the same layout out, written atomically; the ``merge`` command uses it.
 
@@ -27,6 +27,7 @@ import torch
 
 from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
+from lib_scheduled_lora.core.combine import Term, combine
 from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, model_index
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
 
@@ -177,41 +178,43 @@ def apply_plan(
 ) -> dict[str, torch.Tensor]:
     """New tensors for every planned weight (and bias) present in ``state_dict``; inputs untouched.
 
+    Each weight (or row slice of a fused weight) goes through the engine's kernel
+    (:func:`lib_scheduled_lora.core.combine.combine`): float32 from the original, one rounding.
     ``progress``: a tqdm bar (its label when a string) if tqdm is installed.
     """
     out: dict[str, torch.Tensor] = {}
-    bias_parts: dict[str, list[tuple[_Part, torch.Tensor]]] = {}
+    bias_terms: dict[str, dict[tuple[int, int] | None, list[Term]]] = {}
     names = [n for n in plan.parts if n in state_dict]
     for name in _progress(names, progress):
         base = state_dict[name]
-        acc: torch.Tensor | None = None
+        regions: dict[tuple[int, int] | None, list[Term]] = {}
         for part in plan.parts[name]:
             if part.multiplier == 0.0:
                 continue
-            region = _rows(base, part.rows)
-            delta = part.module.weight_delta(region)
-            if delta.numel() != region.numel():
-                raise NetworkFileError(
-                    part.path, f"{part.key}: ΔW has shape {list(delta.shape)}, {name} is {list(region.shape)}"
-                )
-            if acc is None:
-                # float() of a float32 tensor is the tensor itself: copy so the input stays intact.
-                acc = base.to(torch.float32, copy=True)
-            target = _rows(acc, part.rows)
-            target.add_(delta.reshape(region.shape).to(target.device), alpha=part.multiplier)
+            regions.setdefault(part.rows, []).append(Term(part.multiplier, part.module))
             if part.bias and part.bias in state_dict:
-                bias_region = _rows(state_dict[part.bias], part.rows)
-                bias_delta = part.module.bias_delta(bias_region)
+                bias_delta = part.module.bias_delta(_rows(state_dict[part.bias], part.rows))
                 if bias_delta is not None:
-                    bias_parts.setdefault(part.bias, []).append((part, bias_delta))
-        if acc is not None:
-            out[name] = acc.to(base.dtype)  # the single rounding
-    for name, contributions in bias_parts.items():
-        acc = state_dict[name].to(torch.float32, copy=True)
-        for part, delta in contributions:
-            _rows(acc, part.rows).add_(delta.reshape(_rows(acc, part.rows).shape), alpha=part.multiplier)
-        out[name] = acc.to(state_dict[name].dtype)
+                    bias_terms.setdefault(part.bias, {}).setdefault(part.rows, []).append(
+                        Term(part.multiplier, None, bias_delta)
+                    )
+        if regions:
+            out[name] = _combined(base, regions)
+    for name, bias_regions in bias_terms.items():
+        out[name] = _combined(state_dict[name], bias_regions)
     return out
+
+
+def _combined(base: torch.Tensor, regions: Mapping[tuple[int, int] | None, list[Term]]) -> torch.Tensor:
+    """``base`` with each region (all rows, or a row slice) combined with its terms; rows no term
+    touches keep their exact bits."""
+    if None in regions:
+        assert len(regions) == 1, "a weight is targeted whole or by row slices, not both"
+        return combine(base, regions[None])
+    new = base.clone()
+    for rows, terms in regions.items():
+        combine(_rows(base, rows), terms, out=_rows(new, rows))
+    return new
 
 
 def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import torch
-
 from lib_scheduled_lora.core.networks.base import NetworkModule
+from lib_scheduled_lora.core.networks.family import LABELS, guess_family
 
 UNET, TE, TE2 = "unet", "te", "te2"
 UNET_PREFIXES = ("lora_unet_", "lycoris_")
@@ -442,15 +441,13 @@ def map_network(
     index = param_shapes if isinstance(param_shapes, ModelIndex) else model_index(param_shapes)
     targets: list[Target] = []
     reasons: list[tuple[str, str]] = []
-    wrong_shape = 0
+    wrong_shape: list[tuple[str, str]] = []
     if index.layout == "unknown":
         reasons = [(key, "the model has no UNet or text encoder parameters") for key in network_modules]
         return NetworkMapping([], [k for k, _ in reasons], index.family, index.layout, reasons)
-    network_family = guess_network_family(network_modules)
-    if network_family is not None and (network_family == "sdxl") != (index.family == "sdxl"):
-        model = "SDXL" if index.family == "sdxl" else "SD 1.x/2.x"
-        other = "SDXL" if network_family == "sdxl" else "SD 1.x/2.x"
-        reason = f"the network is for {other}, the model is {model}"
+    guess = guess_family(network_modules)
+    if guess.contradicts(index.family):
+        reason = f"the network is for {guess.label}, the model is {LABELS[index.family]}"
         reasons = [(key, reason) for key in network_modules]
         return NetworkMapping(
             [], list(network_modules), index.family, index.layout, reasons, incompatible=reason
@@ -460,19 +457,20 @@ def map_network(
         if slot is None:
             reasons.append((key, _why_unmatched(key, index)))
             continue
-        numel = delta_numel(module)
-        if numel is not None and numel != _numel(slot.shape):
-            wrong_shape += 1
-            reasons.append(
-                (key, f"ΔW has {numel} elements, {slot.weight} {_rows(slot)}has shape {list(slot.shape)}")
-            )
+        problem = module.fits(slot.shape)
+        if problem is not None:
+            wrong_shape.append((key, f"{problem} ({slot.weight}{_rows(slot)})"))
+            reasons.append(wrong_shape[-1])
             continue
-        bias = slot.bias if _may_change_bias(module) else None
+        bias = slot.bias if module.changes_bias else None
         targets.append(Target(slot.component, slot.weight, slot.rows, bias, module, key))
     incompatible = None
     if wrong_shape:
-        first = next(r for r in reasons if r[1].startswith("ΔW"))
-        incompatible = f"{wrong_shape} layer(s) have the wrong size for this {index.family} model (first: {first[0]}: {first[1]})"
+        key, reason = wrong_shape[0]
+        incompatible = (
+            f"{len(wrong_shape)} layer(s) have the wrong size for this {LABELS[index.family]} model "
+            f"(first: {key}: {reason})"
+        )
     return NetworkMapping(targets, [k for k, _ in reasons], index.family, index.layout, reasons, incompatible)
 
 
@@ -496,65 +494,5 @@ def key_component(key: str) -> str | None:
     return None
 
 
-# Evidence in a key for SDXL (sgm names: no attention in the first level, transformer depth > 1,
-# label embedding; second text encoder) or for SD 1.x/2.x (attention in the first level, four
-# levels). Only unambiguous signs count: the middle levels are alike in both.
-_SDXL_SIGNS = re.compile(r"^(lora_te1_|lora_te2_)|_(transformer_blocks_[1-9]|label_emb_|add_embedding_)")
-_SD_SIGNS = re.compile(
-    r"^lora_te_|^(lora_unet_|lycoris_)(down_blocks_0_attentions|down_blocks_3_|up_blocks_3_|"
-    r"input_blocks_[12]_1_|output_blocks_(9|10|11)_)"
-)
-
-
-def guess_network_family(keys: Iterable[str]) -> str | None:
-    """ "sdxl", "sd" (1.x or 2.x) or None (no clear sign, or signs of both) from a network's keys."""
-    sdxl = sd = False
-    for key in keys:
-        sdxl = sdxl or bool(_SDXL_SIGNS.search(key))
-        sd = sd or bool(_SD_SIGNS.search(key))
-    if sdxl == sd:
-        return None
-    return "sdxl" if sdxl else "sd"
-
-
-def delta_numel(module: NetworkModule) -> int | None:
-    """How many elements the module's ΔW has, when known without computing it.
-
-    Read from a ``shape`` attribute, else from low-rank factors (the file's ``up``/``down``/``mid``
-    tensors, or :meth:`NetworkModule.low_rank`); None for module types whose size depends on the
-    layer (the caller then learns it from ``weight_delta``).
-    """
-    for attribute in ("shape", "weight_shape", "target_shape"):
-        shape = getattr(module, attribute, None)
-        if isinstance(shape, (tuple, list)) and shape and all(isinstance(s, int) for s in shape):
-            return _numel(shape)
-    up, down, mid = (getattr(module, name, None) for name in ("up", "down", "mid"))
-    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
-        factors = module.low_rank()
-        if factors is None:
-            return None
-        up, down, mid = factors.up, factors.down, factors.mid
-    if down.dim() < 2 or (mid is not None and not isinstance(mid, torch.Tensor)):
-        return None
-    inner = down.shape[1:] if mid is None else (down.shape[1], *mid.shape[2:])
-    return up.shape[0] * _numel(inner)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _rows(slot: Slot) -> str:
-    return f"rows {slot.rows[0]}:{slot.rows[1]} " if slot.rows else ""
-
-
-def _may_change_bias(module: NetworkModule) -> bool:
-    # Giving the engine a bias for layers whose module never changes it would make it copy and
-    # rewrite biases for nothing. bias_delta(None) answers without a base bias (it returns the
-    # module's own bias difference, or None when the file has none).
-    if type(module).bias_delta is NetworkModule.bias_delta:
-        return False
-    return module.bias_delta(None) is not None
+    return f" rows {slot.rows[0]}:{slot.rows[1]}" if slot.rows else ""

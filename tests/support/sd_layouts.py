@@ -9,6 +9,8 @@ used by the tests are the ones diffusers — and the WebUI — agree on.
 
 from __future__ import annotations
 
+import math
+
 import functools
 from dataclasses import dataclass
 
@@ -218,6 +220,9 @@ class FakeModule(NetworkModule):
     ):
         self.key, self.shape, self.value, self.delta = key, tuple(shape), value, delta
 
+    def delta_numel(self) -> int:
+        return math.prod(self.shape)
+
     def weight_delta(self, base: torch.Tensor) -> torch.Tensor:
         if self.delta is not None:
             return self.delta.to(device=base.device, dtype=torch.float32).reshape(base.shape)
@@ -226,6 +231,10 @@ class FakeModule(NetworkModule):
 
 class FakeBiasModule(FakeModule):
     """Also changes the layer's bias (by ``value`` everywhere)."""
+
+    @property
+    def changes_bias(self) -> bool:
+        return True
 
     def bias_delta(self, base_bias: torch.Tensor | None) -> torch.Tensor | None:
         shape = base_bias.shape if base_bias is not None else (self.shape[0],)

@@ -12,8 +12,11 @@ semantics we match) and LyCORIS ``lycoris/functional/*.py`` (same formulas, inde
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -44,6 +47,24 @@ def lora(up: Tensor, down: Tensor, mid: Tensor | None = None) -> Tensor:
     # explicit widths, not -1: a rank cut to 0 (``dyn=0``) still gives ΔW = 0 of the right shape
     flat = up.reshape(out_dim, rank) @ down.reshape(rank, math.prod(down.shape[1:]))
     return flat.reshape(out_dim, *down.shape[1:])
+
+
+def lora_bypass(
+    x: Tensor, down: Tensor, up: Tensor, mid: Tensor | None = None, conv: Mapping[str, Any] | None = None
+) -> Tensor:
+    """y_Δ = up(mid(down(x))): what a LoRA/LoCon layer adds to its output at unit scale, without ΔW.
+
+    The bypass forward beside :func:`lora`: ``F.linear(x, lora(up, down))`` (or the conv) up to
+    rounding, at r·(in·k² + out) multiply-adds per output position instead of writing a weight.
+    Linear (``conv`` None): down ``[r, in]``, up ``[out, r]``. Conv: ``conv`` holds the layer's
+    ``stride``/``padding``/``dilation``; down ``[r, in, kh, kw]`` (or ``[r, in, 1, 1]`` when a
+    Tucker ``mid`` ``[r, r, kh, kw]`` carries the kernel), up ``[out, r, 1, 1]``.
+    """
+    if conv is None:
+        return F.linear(F.linear(x, down), up)
+    if mid is not None:
+        return F.conv2d(F.conv2d(F.conv2d(x, down), mid, **conv), up)
+    return F.conv2d(F.conv2d(x, down, **conv), up)
 
 
 def _hada_half(w_a: Tensor, w_b: Tensor, t: Tensor | None) -> Tensor:

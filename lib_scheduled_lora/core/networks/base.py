@@ -7,13 +7,16 @@ multiplier m once the base weight W is known:
     W(m) = W + m · ΔW(W)
 
 (ΔW depends on W only for IA3 and DoRA), so a module only has to give ΔW at unit strength.
-Low-rank modules also expose their factors, so that the engine can run them in *bypass* mode
-(y = W·x + m·scale·up(mid(down(x))), no weight writes).
+Modules also say what they can do without being probed: the size of their ΔW (``delta_numel``,
+``fits``), whether they change the layer's bias (``changes_bias``), and whether they can run in
+*bypass* mode (``can_bypass``: y = W·x + m·scale·up(mid(down(x))), no weight writes).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -52,16 +55,53 @@ class NetworkModule(ABC):
     def alpha(self) -> float | None:
         return None
 
+    # -- what the module can do (declared, never probed) -------------------------------------------
+
+    def delta_numel(self) -> int | None:
+        """How many values ΔW has, from the file's tensors alone; None when it depends on the layer."""
+        return None
+
+    def fits(self, shape: Sequence[int]) -> str | None:
+        """Why this module cannot change a weight of ``shape``, or None when it can.
+
+        The WebUI reshapes ΔW onto the layer whenever the number of values matches (a 1x1-conv
+        LoRA on a Linear ``proj_in``), so the number of values is what must agree.
+        """
+        numel = self.delta_numel()
+        if numel is not None and numel != math.prod(shape):
+            return f"ΔW has {numel} elements, the layer's weight has shape {list(shape)}"
+        return None
+
+    @property
+    def changes_bias(self) -> bool:
+        """True when the module also changes the layer's bias (full ``diff_b``, norm ``b_norm``)."""
+        return False
+
+    @property
+    def can_bypass(self) -> bool:
+        """True when :meth:`low_rank` gives factors (a low-rank module without DoRA or a bias term)."""
+        return False
+
+    # -- the maths ----------------------------------------------------------------------------
+
     @abstractmethod
     def weight_delta(self, base: torch.Tensor) -> torch.Tensor:
         """ΔW at multiplier 1, float32, shape and device of ``base`` (the target weight)."""
+
+    def accumulate(self, acc: torch.Tensor, base: torch.Tensor, alpha: float) -> None:
+        """``acc += alpha · ΔW`` for a float32 ``acc`` shaped like ``base`` (the target weight).
+
+        The same arithmetic as adding :meth:`weight_delta`, so that a cached ΔW (the engine) and
+        one computed here (merging) give the same bits.
+        """
+        acc.add_(self.weight_delta(base).view_as(acc), alpha=alpha)
 
     def bias_delta(self, base_bias: torch.Tensor | None) -> torch.Tensor | None:
         """Δbias at multiplier 1 (float32, on base_bias's device), or None when there is none."""
         return None
 
-    def low_rank(self) -> LowRankFactors | None:
-        """The factors for bypass mode, or None when this module cannot be bypassed."""
+    def low_rank(self, target_shape: Sequence[int] | None = None) -> LowRankFactors | None:
+        """The factors for bypass mode laid out for a weight of ``target_shape``, or None."""
         return None
 
     def rank_limited(self, rank: int) -> NetworkModule:

@@ -121,6 +121,10 @@ class BaseModule(NetworkModule):
     def _bias_tensor(self) -> Tensor | None:
         return None
 
+    @property
+    def changes_bias(self) -> bool:
+        return self._bias_tensor() is not None
+
     def bias_delta(self, base_bias: Tensor | None) -> Tensor | None:
         # A1111 multiplies the bias difference by the multiplier only, never by alpha / dim.
         diff = self._bias_tensor()
@@ -161,6 +165,16 @@ class LoraModule(BaseModule):
     def is_conv(self) -> bool:
         return self.down.dim() == 4 or self.mid is not None
 
+    def delta_numel(self) -> int | None:
+        if self.down.dim() < 2:
+            return None
+        inner = self.down.shape[1:] if self.mid is None else (self.down.shape[1], *self.mid.shape[2:])
+        return self.up.shape[0] * math.prod(inner)
+
+    @property
+    def can_bypass(self) -> bool:
+        return self._dora_scale is None and self._updown_bias is None and self.dim != 0
+
     def _updown(self, base: Tensor) -> Tensor:
         d = base.device
         return algorithms.lora(_f32(self.up, d), _f32(self.down, d), _f32(self.mid, d))
@@ -186,7 +200,7 @@ class LoraModule(BaseModule):
         would: a 1x1-conv LoRA on a Linear layer gives 2-D factors, a Linear LoRA on a 1x1 conv 4-D
         ones. None when the module cannot be bypassed (DoRA, a bias term, or no layout fits).
         """
-        if self._dora_scale is not None or self._updown_bias is not None or self.dim == 0:
+        if not self.can_bypass:
             return None
         down, up, mid = _f32(self.down), _f32(self.up), _f32(self.mid)
         rank, out_dim = self.dim, up.shape[0]
@@ -247,6 +261,9 @@ class LohaModule(BaseModule):
     def is_conv(self) -> bool:
         return self.t1 is not None or self.w1b.dim() == 4
 
+    def delta_numel(self) -> int | None:
+        return _half_numel(self.w1a, self.w1b, self.t1)
+
     def _updown(self, base: Tensor) -> Tensor:
         d = base.device
         return algorithms.loha(*(_f32(t, d) for t in (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)))
@@ -280,6 +297,11 @@ class LokrModule(BaseModule):
     def is_conv(self) -> bool:
         return self.t2 is not None or (self.w2 is not None and self.w2.dim() == 4)
 
+    def delta_numel(self) -> int | None:
+        # A Kronecker product has the product of its factors' sizes (a conv w1 is broadcast).
+        sides = (_factor_numel(self.w1, self.w1a, self.w1b, None), _factor_numel(self.w2, self.w2a, self.w2b, self.t2))
+        return None if None in sides else math.prod(n for n in sides if n is not None)
+
 
 class IA3Module(BaseModule):
     """IA3: ΔW = W ⊙ w, w scaling input channels (``on_input``) or output channels."""
@@ -292,6 +314,13 @@ class IA3Module(BaseModule):
         self.w = weights["weight"]
         on_input = weights.get("on_input")
         self.on_input = bool(_scalar(on_input)) if on_input is not None else False
+
+    def fits(self, shape) -> str | None:
+        axis = 1 if self.on_input else 0
+        if len(shape) <= axis or self.w.numel() != shape[axis]:
+            side = "input" if self.on_input else "output"
+            return f"IA3 vector has {self.w.numel()} values, the layer's weight {list(shape)} has other {side} channels"
+        return None
 
     def _updown(self, base: Tensor) -> Tensor:
         try:
@@ -319,6 +348,9 @@ class FullModule(BaseModule):
     def is_conv(self) -> bool:
         return self.diff.dim() == 4
 
+    def delta_numel(self) -> int | None:
+        return self.diff.numel()
+
     def _updown(self, base: Tensor) -> Tensor:
         return algorithms.full(_f32(self.diff, base.device))
 
@@ -337,11 +369,30 @@ class NormModule(BaseModule):
         self.w_norm = weights["w_norm"]
         self.b_norm = weights.get("b_norm")
 
+    def delta_numel(self) -> int | None:
+        return self.w_norm.numel()
+
     def _updown(self, base: Tensor) -> Tensor:
         return algorithms.norm(_f32(self.w_norm, base.device))
 
     def _bias_tensor(self) -> Tensor | None:
         return self.b_norm
+
+
+def _half_numel(w_a: Tensor, w_b: Tensor, t: Tensor | None) -> int:
+    """Values of one LoHa half: ``w_a @ w_b`` ([out, in·k·k]) or its Tucker form ([out, in, kh, kw])."""
+    if t is None:
+        return w_a.shape[0] * math.prod(w_b.shape[1:])
+    return w_a.shape[1] * w_b.shape[1] * math.prod(t.shape[2:])
+
+
+def _factor_numel(w: Tensor | None, w_a: Tensor | None, w_b: Tensor | None, t: Tensor | None) -> int | None:
+    """Values of one LoKr factor (see :func:`algorithms.lokr_factor`)."""
+    if w is not None:
+        return w.numel()
+    if w_a is None or w_b is None:
+        return None
+    return _half_numel(w_a, w_b, t)
 
 
 def _has(weights: Mapping[str, Tensor], *names: str) -> bool:
