@@ -66,11 +66,11 @@ def _ci(values: np.ndarray) -> float:
 def measure(args) -> list[dict]:
     import torch
 
+    from lib_scheduled_lora.core.engine import EngineSettings
+    from lib_scheduled_lora.core.library import NetworkLibrary
     from lib_scheduled_lora.demo import metrics
     from lib_scheduled_lora.demo import model as demo
     from lib_scheduled_lora.hosts.diffusers import attach
-    from lib_scheduled_lora.core.engine import EngineSettings
-    from lib_scheduled_lora.core.library import NetworkLibrary
     from lib_scheduled_lora.hosts.runner import scheduled_networks
 
     torch.set_num_threads(args.threads)

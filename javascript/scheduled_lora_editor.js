@@ -39,13 +39,16 @@
             },
         },
         // Samplers that evaluate the model twice per step (2N - 1 evaluations for N steps), and
-        // where the extra evaluation of step i sits: 'end' at i + 1 (Heun re-evaluates at the
-        // next step's sigma), 'mid' half-way (DPM2-type midpoints, geometric mean sigma).
+        // where the extra evaluation of step i sits on the WebUI's grid (placed by log sigma, as
+        // the engine does): 'end' at i + 1 (Heun re-evaluates at the next step's sigma; the
+        // ancestral DPM2 / DPM++ 2S at eta 1 evaluate at exp((log σ_i + log σ_down) / 2), which
+        // is σ_i+1 itself), 'mid' at i + 0.5 (DPM2 and DPM++ SDE: the geometric mean of σ_i and
+        // σ_i+1, k-diffusion's sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()).
         secondOrder: {
             'Heun': 'end',
             'DPM2': 'mid',
-            'DPM2 a': 'mid',
-            'DPM++ 2S a': 'mid',
+            'DPM2 a': 'end',
+            'DPM++ 2S a': 'end',
             'DPM++ SDE': 'mid',
         },
         pollMs: 400,
@@ -789,8 +792,8 @@
         mainDots.forEach(function (d) {
             parts.push('<circle class="slora-dot" data-step="' + d.u + '" data-value="' + d.v + '" cx="' + f.x(d.u).toFixed(1) + '" cy="' + f.y(d.v).toFixed(1) + '" r="2.6"><title>step ' + d.u + ': ' + fmt(d.v, 4) + '</title></circle>');
         });
-        // Extra evaluations of second-order samplers: rings (around the next step's dot for
-        // Heun, which evaluates there again; half-way for DPM2-type midpoints).
+        // Extra evaluations of second-order samplers: rings (around the next step's dot where the
+        // sampler evaluates there again; between the steps for DPM2 / DPM++ SDE midpoints).
         extraDots.forEach(function (d) {
             parts.push('<circle class="slora-dot-extra" data-step="' + d.u + '" data-value="' + d.v + '" cx="' + f.x(d.u).toFixed(1) + '" cy="' + f.y(d.v).toFixed(1) + '" r="' + (d.u % 1 ? 2.4 : 4.2) + '"><title>extra evaluation at step ' + fmt(d.u, 1) + ': ' + fmt(d.v, 4) + '</title></circle>');
         });

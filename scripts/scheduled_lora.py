@@ -11,8 +11,8 @@ import logging
 import gradio as gr
 from modules import extra_networks, prompt_parser, script_callbacks, scripts, shared
 
-from lib_scheduled_lora.hosts import a1111
 from lib_scheduled_lora.core.session import Runtime
+from lib_scheduled_lora.hosts import a1111
 
 log = logging.getLogger("scheduled_lora")
 

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError  # noqa: E402
 from lib_scheduled_lora.core.schedule import Schedule, format_number, parse_schedule  # noqa: E402
 from lib_scheduled_lora.core.tags import find_tags, parse_tag  # noqa: E402
+from lib_scheduled_lora.errors import ScheduleSyntaxError  # noqa: E402
 
 VECTORS_PATH = Path(__file__).resolve().parent / "schedule_vectors.json"
 STEPS = (1, 2, 20, 30)

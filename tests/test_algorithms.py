@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_scheduled_lora.errors import NetworkFileError
 from lib_scheduled_lora.core.networks import algorithms as alg
 from lib_scheduled_lora.core.networks.modules import (
     FullModule,
@@ -26,6 +25,7 @@ from lib_scheduled_lora.core.networks.modules import (
     NormModule,
     build_module,
 )
+from lib_scheduled_lora.errors import NetworkFileError
 
 ATOL = 1e-5
 

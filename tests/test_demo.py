@@ -25,8 +25,8 @@ def pipe():
 
 
 def _generate(pipe, prompts, seeds, steps=12, networks=()):
-    from lib_scheduled_lora.hosts.diffusers import attach
     from lib_scheduled_lora.core.engine import EngineSettings
+    from lib_scheduled_lora.hosts.diffusers import attach
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     with attach(pipe, list(networks), EngineSettings()):
@@ -143,3 +143,21 @@ def test_demo_command_writes_its_png(tmp_path):
     image = Image.open(out)
     assert image.format == "PNG"
     assert image.width > 3 * world.SIZE * 4 and image.height > 2 * world.SIZE * 4
+
+
+@pytest.mark.parametrize("file", ["text_encoder.safetensors", "unet.safetensors"])
+def test_a_missing_weight_is_an_error_not_a_random_layer(tmp_path, file):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lib_scheduled_lora.errors import ModelFormatError
+
+    copy = tmp_path / "weights"
+    shutil.copytree(demo.WEIGHTS_DIR, copy)
+    state = load_file(copy / file)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, copy / file)
+    with pytest.raises(ModelFormatError, match=rf"{file}: does not match the demo model: 1 missing key"):
+        demo.load_demo_pipeline("cpu", copy)

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import save_file
 from support.tiny_models import tiny_clip_config, tiny_pipeline
 
-from lib_scheduled_lora.hosts.diffusers import attach
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
 from lib_scheduled_lora.core.merge import merge_networks
 from lib_scheduled_lora.core.networks.loader import load_network
-from lib_scheduled_lora.hosts.samplers import make_scheduler
 from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
+from lib_scheduled_lora.hosts.diffusers import attach
+from lib_scheduled_lora.hosts.samplers import make_scheduler
 
 STEPS = 4
 
@@ -126,5 +126,23 @@ def test_an_exception_during_sampling_restores_the_weights(pipe, network):
 def test_text_encoder_gets_the_te_schedule(pipe, network):
     with attach(pipe, [ScheduledNetwork(network, te=Schedule.constant(0.25), unet=Schedule.constant(0.0))]) as attached:
         _generate(pipe)
-        assert attached.weights.multipliers("te") == {"style": 0.25}
-        assert attached.weights.multipliers("unet") == {"style": 0.0}
+        assert attached.te_multipliers == {"style": 0.25}
+        assert {e.multipliers["style"] for e in attached.trace} == {0.0}
+
+
+def test_repeated_attaches_reuse_the_pipelines_delta_cache(pipe, network, monkeypatch):
+    """attach keeps its ΔW cache with the pipeline: a second generation with the same network
+    objects (as a NetworkLibrary keeps them) builds no ΔW again."""
+    from lib_scheduled_lora.core.networks.modules import LoraModule
+
+    fresh = load_network(network.path, name="style")  # new objects: nothing cached for them yet
+    calls = []
+    original = LoraModule.weight_delta
+    monkeypatch.setattr(LoraModule, "weight_delta", lambda self, base: calls.append(self.key) or original(self, base))
+    with attach(pipe, [_net(fresh, "1", "0@0,1@1")], EngineSettings(mode="merge")):
+        _generate(pipe)
+    built = len(calls)
+    assert built == len(fresh.modules)
+    with attach(pipe, [_net(fresh, "0.5", "0@0.5:1")], EngineSettings(mode="merge")):
+        _generate(pipe)
+    assert len(calls) == built

@@ -377,11 +377,15 @@ def test_second_order_sampler_dots(page):
     choose_sampler(page, "Heun")
     page.wait_for_function("document.querySelectorAll('circle.slora-dot-extra').length === 19", timeout=SLOW)
     assert [u for u, _ in dots(page, cls="slora-dot-extra")] == list(range(1, 20))
-    choose_sampler(page, "DPM2 a")
+    choose_sampler(page, "DPM2")
     page.wait_for_function("document.querySelector('circle.slora-dot-extra').dataset.step === '0.5'", timeout=SLOW)
     extra = dots(page, cls="slora-dot-extra")
     assert [u for u, _ in extra] == [i + 0.5 for i in range(19)]
     assert extra[0][1] == pytest.approx(0.5 / 19)
+    # Ancestral DPM2 at eta 1 evaluates its midpoint at the next step's sigma (as Heun).
+    choose_sampler(page, "DPM2 a")
+    page.wait_for_function("document.querySelector('circle.slora-dot-extra').dataset.step === '1'", timeout=SLOW)
+    assert [u for u, _ in dots(page, cls="slora-dot-extra")] == list(range(1, 20))
 
 
 def test_external_prompt_change_without_events_is_picked_up(page):

@@ -14,9 +14,9 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.core.schedule import WHITESPACE, Schedule, parse_schedule
 from lib_scheduled_lora.core.tags import KINDS, NAMED_KEYS, NetworkTag, find_tags, parse_tag
+from lib_scheduled_lora.errors import ScheduleSyntaxError
 
 SETTINGS = settings(max_examples=int(os.environ.get("SCHEDULE_PROPERTY_EXAMPLES", 75)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -21,11 +21,9 @@ from safetensors.torch import save_file
 from support.sd_layouts import ModuleTree, kohya_lora_state, ldm_state_dict, tiny_sd
 from torch import nn
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.hosts import a1111
-from lib_scheduled_lora.errors import NotSafetensorsError
 from lib_scheduled_lora.core.session import Runtime
-from lib_scheduled_lora.errors import MissingNetworkError
+from lib_scheduled_lora.errors import MissingNetworkError, NotSafetensorsError, ScheduleSyntaxError
+from lib_scheduled_lora.hosts import a1111
 
 UNET_W = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 TE_W = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"

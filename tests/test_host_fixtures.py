@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import save_file
 from support.sd_layouts import ldm_state_dict, tiny_sd
-
 from support.webui_networks import make_networks, make_networks_for_webui
+
 from lib_scheduled_lora.core.naming import map_network
 from lib_scheduled_lora.core.networks.loader import load_network
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
+from lib_scheduled_lora.core.tags import parse_tag
+from lib_scheduled_lora.errors import MissingNetworkError, ScheduleSyntaxError
 from lib_scheduled_lora.hosts import xyz
 from lib_scheduled_lora.hosts.ownership import (
     Owner,
@@ -22,8 +23,6 @@ from lib_scheduled_lora.hosts.ownership import (
     scheduled_tags,
     validate_prompts,
 )
-from lib_scheduled_lora.errors import MissingNetworkError
-from lib_scheduled_lora.core.tags import parse_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 

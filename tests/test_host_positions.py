@@ -83,6 +83,9 @@ def test_second_order_samplers_place_extra_evaluations_between_steps(sampler):
     assert positions == sorted(positions)
     if sampler in ("dpm_2", "dpmpp_sde"):
         assert extra == pytest.approx([i + 0.5 for i in range(n - 1)])  # geometric mean: half-way
+    if sampler in ("dpm_2_ancestral", "dpmpp_2s_ancestral"):
+        # at eta 1, exp((log σ_i + log σ_down) / 2) is σ_i+1 itself (the editor draws them there)
+        assert extra == pytest.approx([i + 1 for i in range(n - 1)])
     if sampler == "heun":
         assert extra == pytest.approx([i + 1 for i in range(n - 1)])  # the corrector runs at the next sigma
 

@@ -7,11 +7,10 @@ Single-file results are converted back with diffusers' single-file converters be
 
 from __future__ import annotations
 
-import re
-
 import argparse
 import copy
 import filecmp
+import re
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,9 @@ from support.sd_layouts import kohya_lora_state, tiny_sd
 from support.tiny_models import clip_tokenizer_dir, tiny_vae
 
 from lib_scheduled_lora.commands import merge as merge_command
-from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, ScheduledLoraError
 from lib_scheduled_lora.core.merge import merge_model, merge_networks, parse_lora_spec
 from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, ScheduledLoraError
 
 W = 0.7
 ATOL = 2e-5

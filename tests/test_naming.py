@@ -11,7 +11,6 @@ import pytest
 import torch
 from support.sd_layouts import FAMILIES, FakeBiasModule, FakeModule, kohya_keys, tiny_sd
 
-from lib_scheduled_lora.core.networks.family import guess_family
 from lib_scheduled_lora.core.naming import (
     NetworkMapping,
     Target,
@@ -21,6 +20,7 @@ from lib_scheduled_lora.core.naming import (
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
 )
+from lib_scheduled_lora.core.networks.family import guess_family
 
 LAYOUTS = ("diffusers", "ldm")
 

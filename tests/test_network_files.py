@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 from lib_scheduled_lora.core.networks import files
-from lib_scheduled_lora.core.networks.files import read_safetensors, write_safetensors_atomic
-from lib_scheduled_lora.core.networks.modules import IA3Module, LohaModule, LokrModule, LoraModule
 from lib_scheduled_lora.core.networks.describe import layer_kind
 from lib_scheduled_lora.core.networks.family import guess_family
+from lib_scheduled_lora.core.networks.files import read_safetensors, write_safetensors_atomic
 from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.core.networks.modules import IA3Module, LohaModule, LokrModule, LoraModule
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 
 
 def _guess(network):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lib_scheduled_lora.core.positions import fractional_index, scheduler_step_position, step_grid
+from lib_scheduled_lora.core.positions import fractional_index, scheduler_grid, step_grid
 from lib_scheduled_lora.hosts.samplers import SAMPLERS, make_scheduler
 
 
@@ -47,7 +47,8 @@ def _scheduler(name: str, steps: int):
 
 def _positions(name: str, steps: int) -> list[float]:
     scheduler = _scheduler(name, steps)
-    return [scheduler_step_position(scheduler, t) for t in scheduler.timesteps]
+    grid = scheduler_grid(scheduler)
+    return [grid.position(float(t), i) for i, t in enumerate(scheduler.timesteps)]
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_a", "lms", "dpmpp_2m", "ddim", "unipc"])
@@ -71,6 +72,9 @@ def test_dpm2_midpoints_sit_between_steps():
     assert main == [float(i) for i in range(6)]
     for i, p in enumerate(extra):
         assert i < p < i + 1
+    # The timestep of the geometric-mean sigma, placed linearly on the timestep grid: not half-way.
+    twenty = _positions("dpm2", 20)[1::2]
+    assert [round(p, 3) for p in twenty[:3]] == [0.491, 1.491, 2.491]  # SD 1.x betas, 20 steps
 
 
 def test_plms_counts_its_doubled_first_step_once():

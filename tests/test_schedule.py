@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.core.schedule import (
     Keyframe,
     Piece,
@@ -15,6 +14,7 @@ from lib_scheduled_lora.core.schedule import (
     format_number,
     parse_schedule,
 )
+from lib_scheduled_lora.errors import ScheduleSyntaxError
 
 
 def values(text: str, steps: int) -> list[float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 from lib_scheduled_lora.core.tags import (
     NetworkTag,
@@ -15,6 +14,7 @@ from lib_scheduled_lora.core.tags import (
     parse_tag,
     replace_tag,
 )
+from lib_scheduled_lora.errors import ScheduleSyntaxError
 
 S = parse_schedule
 ONE = Schedule.constant(1)

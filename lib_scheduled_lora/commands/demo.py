@@ -67,12 +67,12 @@ def _requested_colour(prompt: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lib_scheduled_lora.core.engine import EngineSettings
+    from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
     from lib_scheduled_lora.demo import metrics
     from lib_scheduled_lora.demo import model as demo
     from lib_scheduled_lora.demo.grid import labelled_grid
     from lib_scheduled_lora.hosts.diffusers import attach
-    from lib_scheduled_lora.core.engine import EngineSettings
-    from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
     from lib_scheduled_lora.hosts.runner import scheduled_networks
 
     if args.threads > 0:

@@ -25,14 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.hosts.runner import GenerationRequest, generate
+    from lib_scheduled_lora.core.library import NetworkLibrary, tags_in_prompt
+    from lib_scheduled_lora.hosts.runner import GenerationRequest, generate, load_pipeline
 
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
-        model=args.model,
-        config=args.config,
-        lora_dirs=tuple(args.lora_dir),
         steps=args.steps,
         cfg_scale=args.cfg,
         seed=args.seed,
@@ -41,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         mode=args.mode,
     )
-    result = generate(request, progress=True)
+    tags_in_prompt(request.prompt)  # a malformed tag fails before the model is loaded
+    if args.model is None:
+        from lib_scheduled_lora.demo import model as demo
+
+        pipe, label, default_dirs = demo.load_demo_pipeline(), "built-in demo model", [str(demo.NETWORKS_DIR)]
+    else:
+        (pipe, label), default_dirs = load_pipeline(args.model, args.config), []
+    library = NetworkLibrary.scan(list(args.lora_dir) or default_dirs)
+    result = generate(pipe, request, library, model_label=label, progress=True)
     out = Path(args.output)
     result.save(out)
     print(f"model: {result.model_label}")

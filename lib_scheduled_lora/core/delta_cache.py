@@ -4,7 +4,8 @@ Rebuilding ΔW from its factors is a matmul per layer; keeping it between genera
 repeated prompt cost only memory passes. Entries are keyed by the network object (held, so its
 id cannot be reused), the kohya key, the target weight (and row slice) and the device. ΔW of
 IA3 and DoRA depends on the base weight, so the engine caches those only within one generation.
-The owner (the runner, or a WebUI adapter) calls :meth:`clear` when the model changes.
+The cache belongs to one model: :meth:`bind` with the model's key empties it when the model
+changed (another checkpoint, or a component swapped in a pipeline).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ class DeltaCache:
         self.budget_bytes = int(budget_bytes)
         self._entries: OrderedDict[Hashable, tuple[object, torch.Tensor]] = OrderedDict()
         self._bytes = 0
+        self._model_key: object = None
+
+    def bind(self, model_key: object) -> None:
+        """Say which model the next entries are for; entries of another model are dropped."""
+        if model_key != self._model_key:
+            self.clear()
+            self._model_key = model_key
 
     @property
     def bytes(self) -> int:

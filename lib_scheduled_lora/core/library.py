@@ -9,21 +9,61 @@ links that resolve outside the folder are left out of the index.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib_scheduled_lora.errors import MissingNetworkError
+from lib_scheduled_lora.core.networks.base import Network
+from lib_scheduled_lora.core.networks.loader import load_network
 from lib_scheduled_lora.core.tags import NetworkTag, find_tags
+from lib_scheduled_lora.errors import MissingNetworkError
 
 NETWORK_SUFFIXES = (".safetensors",)
 
 
+@dataclass
+class LoadedNetworks:
+    """Networks read from their files, kept (least recently used first out) so that repeated
+    generations do not read and parse them again; a file changed on disk is read again.
+
+    One object per (file, ``dyn=``): the engine's ΔW cache keys on the object, so a rank-limited
+    copy and the full network never mix.
+    """
+
+    max_networks: int = 16
+    _entries: OrderedDict[str, tuple[tuple[int, int], Network, dict[int, Network]]] = field(
+        default_factory=OrderedDict
+    )
+
+    def load(self, path: str | os.PathLike, name: str, dyn: int | None = None) -> Network:
+        key = str(path)
+        stat = os.stat(key)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = (stamp, load_network(key, name=name), {})
+            self._entries[key] = entry
+            while len(self._entries) > self.max_networks:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        _, network, cut = entry
+        if dyn is None:
+            return network
+        if dyn not in cut:
+            cut[dyn] = network.rank_limited(dyn)
+        return cut[dyn]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 @dataclass(frozen=True)
 class NetworkLibrary:
-    """The network files below one or more folders, by name (file stem)."""
+    """The network files below one or more folders, by name (file stem), and those loaded so far."""
 
     files: dict[str, Path]
+    loaded: LoadedNetworks = field(default_factory=LoadedNetworks, compare=False)
 
     @classmethod
     def scan(cls, folders: Iterable[str | os.PathLike]) -> NetworkLibrary:
@@ -48,6 +88,11 @@ class NetworkLibrary:
             known = ", ".join(sorted(self.files)[:8]) or "none"
             raise MissingNetworkError(f"{where}: no network named {name!r} (known: {known})")
         return path
+
+
+    def load(self, tag: NetworkTag, tag_text: str | None = None) -> Network:
+        """The network a tag names (rank-limited by its ``dyn=``), read once and kept."""
+        return self.loaded.load(self.find(tag.name, tag_text), tag.name, tag.dyn)
 
 
 def strip_network_tags(prompt: str) -> str:

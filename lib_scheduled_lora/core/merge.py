@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
-from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 from lib_scheduled_lora.core.combine import Term, combine
 from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, model_index
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
+from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
 
 # Components of a diffusers pipeline that networks can change, and the names naming.py expects.
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,20 +64,6 @@ def step_grid(timesteps: Sequence[float], order: int = 1) -> list[float]:
         if not grid or float(t) != grid[-1]:
             grid.append(float(t))
     return grid
-
-
-def scheduler_step_position(scheduler: Any, timestep: Any) -> float:
-    """The fractional step index of a UNet call at ``timestep`` under a diffusers scheduler.
-
-    ``timestep`` may be a number or a tensor (batched: all entries are equal in a pipeline).
-    """
-    if timestep is None:
-        return 0.0
-    t = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None or len(timesteps) == 0:
-        return 0.0
-    return fractional_index(step_grid(timesteps, int(getattr(scheduler, "order", 1) or 1)), t)
 
 
 # -- WebUI samplers: the grid a k-diffusion / timestep sampler is handed ---------------------
@@ -164,3 +149,23 @@ def grid_for_call(kwargs: Mapping[str, Any], launch_steps: int | None, func_name
         n = int(kwargs.get("n") or fallback)
         return PassGrid(RANGE, (float(kwargs["sigma_max"]), float(kwargs["sigma_min"])), n)
     return PassGrid(COUNT, (), fallback)
+
+
+# -- diffusers schedulers ---------------------------------------------------------------------
+
+
+def scheduler_grid(scheduler: Any) -> PassGrid:
+    """The pass grid of a diffusers scheduler after ``set_timesteps``: its main steps' timesteps
+    (:func:`step_grid`), ``num_inference_steps`` steps. Duck-typed: no diffusers import."""
+    steps = int(getattr(scheduler, "num_inference_steps", None) or 1)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) == 0:
+        return PassGrid(COUNT, (), steps)
+    return PassGrid(TIMESTEP, tuple(step_grid(timesteps, int(getattr(scheduler, "order", 1) or 1))), steps)
+
+
+def noise_level(value: Any) -> float | None:
+    """A sigma or timestep argument as one number (batched tensors hold equal entries)."""
+    if value is None:
+        return None
+    return float(value.reshape(-1)[0]) if hasattr(value, "reshape") else float(value)

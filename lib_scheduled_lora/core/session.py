@@ -1,13 +1,25 @@
-"""The host interface, and the runtime that scopes the weight engine to single host calls.
+"""The host interface: what a host adapter tells the engine, and the scopes the core gives back.
 
-A host adapter (A1111 now; SD.Next and Forge next) provides a :class:`HostAdapter`. The runtime
-then gives it two scopes, each of which restores every weight it wrote when it exits (normally,
-on an exception, or on an interrupt), so weights are only ever modified *inside* one host call:
+A host adapter (the diffusers runner, A1111; Forge and SD.Next next) implements
+:class:`HostAdapter` and drives a :class:`Runtime` with four kinds of calls:
 
-* :meth:`Runtime.conditioning` around the host's text-encoder call of one pass: the ``te``
-  schedules at step 0 of that pass;
-* :meth:`Runtime.sampling_pass` around one sampler run: a :class:`PassSession` whose
-  :meth:`~PassSession.evaluate` is called before every model evaluation with its noise level.
+========================== =================================================================
+the host tells              the adapter calls
+========================== =================================================================
+the model's modules         ``HostAdapter.model()`` (parameter names as :mod:`naming` reads them)
+where conditioning happens  ``with runtime.conditioning(networks, steps):`` around the host's
+                            text-encoder call of one pass (``te`` schedules at the pass's step 0)
+pass boundaries             ``with runtime.sampling_pass(networks, grid) as session:`` around one
+                            sampler run, ``grid`` being the sampler's own noise grid
+every model evaluation      ``session.evaluate(noise)`` right before the UNet runs
+restore points              leaving either scope restores every weight it wrote (normally, on an
+                            exception, on an interrupt); ``runtime.restore_all()`` as a guard
+========================== =================================================================
+
+The core gives back: weights that equal ``round(W + Σ m·ΔW)`` at every evaluation, the position of
+each evaluation on the schedule (``session.evaluate`` returns it; ``trace`` records it), and
+bit-identical weights outside the scopes. Networks for tags come from ``runtime.scheduled(tags,
+hires)`` (files found by the host, loaded once and kept).
 
 Before either scope copies any weight, :meth:`HostAdapter.settle` makes the host's own LoRA state
 final (A1111 applies its networks lazily inside each layer's forward and restores from its own
@@ -19,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,17 +40,17 @@ from torch import nn
 
 from lib_scheduled_lora.core.delta_cache import DeltaCache
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
-from lib_scheduled_lora.core.positions import PassGrid
-from lib_scheduled_lora.errors import MissingNetworkError
+from lib_scheduled_lora.core.library import LoadedNetworks
 from lib_scheduled_lora.core.networks.base import Network
-from lib_scheduled_lora.core.networks.loader import load_network
+from lib_scheduled_lora.core.positions import PassGrid
 from lib_scheduled_lora.core.tags import NetworkTag
+from lib_scheduled_lora.errors import MissingNetworkError
 
 log = logging.getLogger("scheduled_lora")
 
 
 class HostAdapter(Protocol):
-    """What a host must provide. Small on purpose: SD.Next and Forge implement the same six."""
+    """What a host must provide. Small on purpose: every host implements the same six."""
 
     def model(self) -> nn.Module:
         """The module whose ``named_parameters()`` the engine binds (A1111: ``shared.sd_model``)."""
@@ -115,22 +125,13 @@ class PassSession:
 
 
 @dataclass
-class _Loaded:
-    network: Network
-    stamp: tuple[int, int]
-    rank_limited: dict[int, Network] = field(default_factory=dict)  # dyn= -> the cut copy
-
-
-@dataclass
 class Runtime:
     """Process-wide state of one host integration: loaded networks, the ΔW cache, open scopes."""
 
     host: HostAdapter
-    max_networks: int = 16
     cache: DeltaCache = field(default_factory=lambda: DeltaCache(0))
-    _networks: OrderedDict[str, _Loaded] = field(default_factory=OrderedDict)
+    loaded: LoadedNetworks = field(default_factory=LoadedNetworks)
     _open: list[ScheduledWeights] = field(default_factory=list)
-    _model_key: object = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
     current: PassSession | None = None
 
@@ -140,37 +141,17 @@ class Runtime:
         path = self.host.find_network_file(tag.name)
         if path is None:
             raise MissingNetworkError(f"{tag.format()}: no network named {tag.name!r} in the Lora folders")
-        stat = os.stat(path)
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        loaded = self._networks.get(path)
-        if loaded is None or loaded.stamp != stamp:
-            loaded = _Loaded(load_network(path, name=tag.name), stamp)
-            self._networks[path] = loaded
-            while len(self._networks) > self.max_networks:
-                self._networks.popitem(last=False)
-        self._networks.move_to_end(path)
-        if tag.dyn is None:
-            return loaded.network
-        # One object per (file, dyn): the ΔW cache keys on it, so cut and uncut never mix.
-        if tag.dyn not in loaded.rank_limited:
-            loaded.rank_limited[tag.dyn] = loaded.network.rank_limited(tag.dyn)
-        return loaded.rank_limited[tag.dyn]
+        return self.loaded.load(path, tag.name, tag.dyn)
 
     def scheduled(self, tags: Sequence[NetworkTag], hires: bool) -> list[ScheduledNetwork]:
-        out = []
-        for tag in tags:
-            te, unet = tag.schedules(hires)
-            out.append(ScheduledNetwork(self.network(tag), te, unet))
-        return out
+        """The networks of ``tags`` with the schedules of the first or the hires pass."""
+        return [ScheduledNetwork(self.network(tag), *tag.schedules(hires)) for tag in tags]
 
     # -- engines --------------------------------------------------------------------------------
 
     def _engine(self, networks: Sequence[ScheduledNetwork]) -> ScheduledWeights:
         settings = self.host.settings()
-        key = self.host.model_key()
-        if key != self._model_key:
-            self.cache.clear()
-            self._model_key = key
+        self.cache.bind(self.host.model_key())
         self.cache.budget_bytes = int(settings.cache_budget_mb * 2**20)
         model = self.host.model()
         self.host.settle(model)
@@ -192,12 +173,9 @@ class Runtime:
                 self._open.remove(weights)
 
     @contextlib.contextmanager
-    def conditioning(
-        self, tags: Sequence[NetworkTag], hires: bool, steps: int
-    ) -> Iterator[ScheduledWeights | None]:
-        """The text encoders at the tags' ``te`` schedules (step 0 of the pass) for one host
+    def conditioning(self, networks: Sequence[ScheduledNetwork], steps: int) -> Iterator[ScheduledWeights | None]:
+        """The text encoders at the networks' ``te`` schedules (step 0 of the pass) for one host
         conditioning call; restored on exit."""
-        networks = [n for n in self.scheduled(tags, hires)] if tags else []
         if not networks:
             yield None
             return
@@ -211,15 +189,19 @@ class Runtime:
 
     @contextlib.contextmanager
     def sampling_pass(
-        self, tags: Sequence[NetworkTag], hires: bool, grid: PassGrid, trace: list[Evaluation]
+        self,
+        networks: Sequence[ScheduledNetwork],
+        grid: PassGrid,
+        *,
+        hires: bool = False,
+        trace: list[Evaluation] | None = None,
     ) -> Iterator[PassSession | None]:
         """An engine for one sampler run; :attr:`current` is its session while it runs."""
-        networks = self.scheduled(tags, hires) if tags else []
         if not networks:
             yield None
             return
         with self._lock:
-            session = PassSession(self, self._engine(networks), grid, hires, trace)
+            session = PassSession(self, self._engine(networks), grid, hires, [] if trace is None else trace)
             previous, self.current = self.current, session
             try:
                 yield session
@@ -240,4 +222,4 @@ class Runtime:
         """Forget cached ΔW and networks (the model changed)."""
         self.restore_all()
         self.cache.clear()
-        self._networks.clear()
+        self.loaded.clear()

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.core.schedule import (
     PIECE_SEPARATOR,
     WHITESPACE,
@@ -29,6 +28,7 @@ from lib_scheduled_lora.core.schedule import (
     piece_ends_with_position,
     split_spans,
 )
+from lib_scheduled_lora.errors import ScheduleSyntaxError
 
 # The host's own regex (modules/extra_networks.py), so that we see the same tags it does.
 TAG_PATTERN = re.compile(r"<(\w+):([^>]+)>")

@@ -32,7 +32,6 @@ from lib_scheduled_lora.demo.tokenizer import DemoTokenizer
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"
 NETWORKS_DIR = PACKAGE_DIR / "networks"
-NETWORK_DIR = NETWORKS_DIR  # alias used by the runner
 MAX_LENGTH = 16
 
 FOLD = 2  # pixel_unshuffle factor between images and the UNet's sample space
@@ -224,10 +223,11 @@ def load_demo_pipeline(device: str = "cpu", directory: str | Path = WEIGHTS_DIR)
             )
         )
         unet = UNet2DConditionModel(**config["unet"])
-        unet.load_state_dict({k: v.float() for k, v in load_file(directory / "unet.safetensors").items()})
-        text_encoder.load_state_dict(
-            {k: v.float() for k, v in load_file(directory / "text_encoder.safetensors").items()}, strict=False
-        )
+        _load_exactly(unet, load_file(directory / "unet.safetensors"), directory / "unet.safetensors")
+        te_file = directory / "text_encoder.safetensors"
+        _load_exactly(text_encoder, _text_model_level(load_file(te_file), text_encoder), te_file)
+    except ModelFormatError:
+        raise
     except (OSError, KeyError, ValueError) as exc:
         raise ModelFormatError(
             str(directory),
@@ -239,6 +239,29 @@ def load_demo_pipeline(device: str = "cpu", directory: str | Path = WEIGHTS_DIR)
         unet=unet.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler
     )
     return pipe.to(device)
+
+
+def _text_model_level(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The saved text encoder's names in the installed transformers' spelling: transformers 5's
+    CLIPTextModel has no ``text_model.`` level, 4.x has; the file holds one of the two."""
+    want = any(k.startswith("text_model.") for k in model.state_dict())
+    have = any(k.startswith("text_model.") for k in state)
+    if want and not have:
+        return {f"text_model.{k}": v for k, v in state.items()}
+    if have and not want:
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
+
+
+def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Every parameter from the file and nothing else: a missing key would leave random weights."""
+    from lib_scheduled_lora.errors import ModelFormatError
+
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        what = f"{len(missing)} missing key(s) (first: {missing[0]})" if missing else ""
+        what += ("; " if what else "") + (f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "")
+        raise ModelFormatError(str(source), f"does not match the demo model: {what}")
 
 
 def network_path(name: str) -> Path:

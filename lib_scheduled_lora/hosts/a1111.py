@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib_scheduled_lora.core.engine import EngineSettings
+from lib_scheduled_lora.core.positions import PassGrid, grid_for_call, noise_level
+from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 from lib_scheduled_lora.hosts.ownership import (
     Owner,
     TagIndex,
@@ -44,8 +46,6 @@ from lib_scheduled_lora.hosts.ownership import (
     scheduled_tags,
     validate_prompts,
 )
-from lib_scheduled_lora.core.positions import PassGrid, grid_for_call
-from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 
 log = logging.getLogger("scheduled_lora")
 
@@ -389,7 +389,7 @@ class A1111Integration:
         @functools.wraps(function)
         def scheduled_function(model, prompts, call_steps=steps, call_hires_steps=None, use_old_scheduling=False):
             args = (model, prompts, call_steps, call_hires_steps, use_old_scheduling)  # as the host calls it
-            with self.runtime.conditioning(tags, hires, steps) as weights:
+            with self.runtime.conditioning(self.runtime.scheduled(tags, hires), steps) as weights:
                 if weights is None or all(n.te.is_constant for n in weights.networks) or self.prompt_parser is None:
                     return function(*args)
                 # Prompt editing counts in hires steps in the hires pass (prompt_parser's own rule).
@@ -441,8 +441,10 @@ class A1111Integration:
             launch = getattr(getattr(sampler, "model_wrap_cfg", None), "steps", None)
             grid = grid_for_call(kwargs, launch, getattr(original, "__name__", ""))
             state.passes.append(PassRecord(hires, grid, tags))
-            with runtime.sampling_pass(tags, hires, grid, state.trace) as session, contextlib.ExitStack() as stack:
-                session.owner = sampler
+            networks = runtime.scheduled(tags, hires)
+            with runtime.sampling_pass(networks, grid, hires=hires, trace=state.trace) as session, contextlib.ExitStack() as stack:
+                if session is not None:
+                    session.owner = sampler
                 if session is not None and unet is not None:
                     # After every on_cfg_denoiser callback (other extensions' included), before
                     # the builtin's lazy per-layer re-application: see PassSession.resync.
@@ -463,11 +465,7 @@ class A1111Integration:
         owner = getattr(session, "owner", None)
         if owner is not None and getattr(denoiser, "sampler", owner) is not owner:
             return
-        sigma = getattr(params, "sigma", None)
-        noise = None
-        if sigma is not None:
-            noise = float(sigma.reshape(-1)[0]) if hasattr(sigma, "reshape") else float(sigma)
-        session.evaluate(noise)
+        session.evaluate(noise_level(getattr(params, "sigma", None)))
 
     # -- 4. the end ---------------------------------------------------------------------------
 

@@ -1,61 +1,148 @@
-"""Scheduled networks on a diffusers pipeline (or any object shaped like one).
+"""The diffusers adapter: scheduled networks on a diffusers pipeline (or any object shaped like one).
 
-``attach`` hooks the pipeline's text encoder(s) and UNet. Each UNet call is placed on the
-sampling schedule by its timestep (so Heun's and DPM2's extra evaluations, and img2img's
-shortened schedules, get the right position without counting calls), and the engine brings the
-weights to that position before the UNet runs. The text encoders get their ``te`` schedule at
-step 0, where the pipeline encodes the prompt.
+The second implementation of the host interface (:mod:`lib_scheduled_lora.core.session`):
+
+* the model's modules: the pipeline's ``unet`` / ``text_encoder`` / ``text_encoder_2``, grouped
+  in a ``ModuleDict`` so that parameter names read ``unet.…``, ``text_encoder.…``;
+* conditioning: a forward pre-hook on each text encoder opens ``runtime.conditioning`` (the ``te``
+  schedule at step 0) and its forward hook closes it, so the text encoders are changed only while
+  they encode;
+* passes and evaluations: each UNet call is placed on the scheduler's own grid of timesteps (so
+  Heun's and DPM2's extra evaluations and img2img's shortened schedules get the right position
+  without counting calls); a new grid (a new generation, other steps or another scheduler) opens a
+  new pass, and the pass stays open until the next one or the end of :func:`attach`.
 
     with attach(pipe, networks):
         image = pipe(prompt, num_inference_steps=20).images[0]
+
+The ΔW cache belongs to the pipeline and outlives :func:`attach` (pass ``cache=`` to share or
+bound it), so repeated generations with the same network objects rebuild nothing; load networks
+through one :class:`~lib_scheduled_lora.core.library.NetworkLibrary` to keep the objects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
-from lib_scheduled_lora.core.positions import scheduler_step_position
+from lib_scheduled_lora.core.delta_cache import DeltaCache
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
+from lib_scheduled_lora.core.positions import noise_level, scheduler_grid
+from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DEFAULT_CACHE_MB = 2048.0
+
+# One ΔW cache per pipeline object, alive as long as the pipeline is.
+_PIPELINE_CACHES: weakref.WeakKeyDictionary[Any, DeltaCache] = weakref.WeakKeyDictionary()
+
+
+class DiffusersHost:
+    """:class:`~lib_scheduled_lora.core.session.HostAdapter` for a diffusers pipeline."""
+
+    def __init__(self, pipe: Any, settings: EngineSettings):
+        self.pipe = pipe
+        self._settings = settings
+        self.parts = {n: getattr(pipe, n) for n in COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+        # A ModuleDict only groups the existing modules (no copy).
+        self._model = nn.ModuleDict(self.parts)
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def find_network_file(self, name: str) -> str | None:
+        return None  # networks come loaded (attach's argument)
+
+    def settle(self, model: nn.Module) -> None:
+        pass  # no host networks of its own
+
+    def settings(self) -> EngineSettings:
+        return self._settings
+
+    def model_key(self) -> object:
+        return tuple((name, id(module)) for name, module in self.parts.items())
+
+    def state(self) -> object:
+        return None
+
+
+def pipeline_cache(pipe: Any, budget_mb: float = DEFAULT_CACHE_MB) -> DeltaCache:
+    """The ΔW cache that :func:`attach` uses for ``pipe`` unless given one."""
+    cache = _PIPELINE_CACHES.get(pipe)
+    if cache is None:
+        cache = _PIPELINE_CACHES[pipe] = DeltaCache(int(budget_mb * 2**20))
+    return cache
 
 
 class AttachedSchedules:
-    """The hooks and engine of one :func:`attach`; leaving the context restores everything."""
+    """The hooks and runtime of one :func:`attach`; leaving the context restores everything."""
 
-    def __init__(self, pipe: Any, networks: Sequence[ScheduledNetwork], settings: EngineSettings | None):
+    def __init__(
+        self,
+        pipe: Any,
+        networks: Sequence[ScheduledNetwork],
+        settings: EngineSettings | None,
+        cache: DeltaCache | None,
+    ):
         self.pipe = pipe
-        parts = {name: getattr(pipe, name) for name in COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)}
-        # A ModuleDict only groups the existing modules (no copy), giving the parameter names
-        # "unet.…", "text_encoder.…" that the name mapping expects for diffusers models.
-        self.weights = ScheduledWeights(nn.ModuleDict(parts), networks, settings)
-        self.positions: list[float] = []  # every UNet evaluation's step position (for tests/plots)
+        self.networks = list(networks)
+        settings = settings or EngineSettings()
+        self.host = DiffusersHost(pipe, settings)
+        if cache is None:
+            cache = pipeline_cache(pipe, settings.cache_budget_mb)
+        self.runtime = Runtime(self.host, cache=cache)
+        self.trace: list[Evaluation] = []  # every UNet evaluation (for tests and plots)
+        self.te_multipliers: dict[str, float] = {}  # what the text encoders last encoded with
+        self._session: PassSession | None = None
+        self._pass = contextlib.ExitStack()
+        self._conditioning = contextlib.ExitStack()
+        parts = self.host.parts
         self._handles = [parts["unet"].register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         for name in ("text_encoder", "text_encoder_2"):
             if name in parts:
                 self._handles.append(parts[name].register_forward_pre_hook(self._before_text_encoder))
+                self._handles.append(parts[name].register_forward_hook(self._after_text_encoder))
+
+    @property
+    def positions(self) -> list[float]:
+        """The step position of every UNet evaluation so far."""
+        return [e.position for e in self.trace]
 
     def _steps(self) -> int:
         return int(getattr(self.pipe.scheduler, "num_inference_steps", None) or 1)
 
     def _before_text_encoder(self, module: nn.Module, args: tuple) -> None:
-        self.weights.set_position("te", 0, self._steps())
+        self._conditioning.close()  # a text encoder that raised last time
+        weights = self._conditioning.enter_context(self.runtime.conditioning(self.networks, self._steps()))
+        if weights is not None:
+            self.te_multipliers = weights.multipliers("te")
+
+    def _after_text_encoder(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._conditioning.close()
 
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        steps = self._steps()
-        step = scheduler_step_position(self.pipe.scheduler, timestep)
-        self.positions.append(step)
-        self.weights.set_position("unet", step, steps)
+        grid = scheduler_grid(self.pipe.scheduler)
+        if self._session is None or self._session.grid != grid:
+            self._pass.close()
+            self._session = self._pass.enter_context(self.runtime.sampling_pass(self.networks, grid, trace=self.trace))
+        if self._session is None:
+            return
+        self._session.evaluate(noise_level(kwargs.get("timestep", args[1] if len(args) > 1 else None)))
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.weights.restore()
+        try:
+            self._conditioning.close()
+            self._pass.close()
+        finally:
+            self._session = None
+            self.runtime.restore_all()
 
     def __enter__(self) -> AttachedSchedules:
         return self
@@ -64,6 +151,15 @@ class AttachedSchedules:
         self.close()
 
 
-def attach(pipe: Any, networks: Sequence[ScheduledNetwork], settings: EngineSettings | None = None) -> AttachedSchedules:
-    """Make ``pipe``'s next generations follow the networks' schedules until the context exits."""
-    return AttachedSchedules(pipe, networks, settings)
+def attach(
+    pipe: Any,
+    networks: Sequence[ScheduledNetwork],
+    settings: EngineSettings | None = None,
+    *,
+    cache: DeltaCache | None = None,
+) -> AttachedSchedules:
+    """Make ``pipe``'s next generations follow the networks' schedules until the context exits.
+
+    ``cache``: the ΔW cache to use (default: the pipeline's own, kept between attaches).
+    """
+    return AttachedSchedules(pipe, networks, settings, cache)

@@ -1,11 +1,15 @@
 """The standalone runner: a diffusers pipeline, a prompt with scheduled tags, one PNG.
 
-Library use, for diffusers users who bring their own pipeline:
+Library use, for diffusers users who bring their own pipeline (keep the library object: it keeps
+the loaded networks, so repeated generations read and rebuild nothing):
 
     library = NetworkLibrary.scan(["loras/"])
     networks = scheduled_networks(prompt, library)
     with attach(pipe, networks):
         image = pipe(strip_network_tags(prompt), num_inference_steps=20).images[0]
+
+The ``generate`` command chooses the pipeline (a model given by path, or the built-in demo model)
+and calls :func:`generate`; nothing here knows the demo.
 """
 
 from __future__ import annotations
@@ -15,32 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
-from lib_scheduled_lora.errors import ModelFormatError
 from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags, tags_in_prompt
+from lib_scheduled_lora.errors import ModelFormatError
+from lib_scheduled_lora.hosts.ownership import check_arguments
 from lib_scheduled_lora.hosts.samplers import LABELS, make_scheduler
 
 
 def scheduled_networks(prompt: str, library: NetworkLibrary, *, hires: bool = False) -> list[ScheduledNetwork]:
-    """Load every network the prompt's tags name, with the schedules of the chosen pass."""
-    from lib_scheduled_lora.core.networks.loader import load_network
+    """The networks every tag of ``prompt`` names, with the schedules of the chosen pass.
 
-    networks = []
-    for text, tag in tags_in_prompt(prompt):  # raises the first syntax error
-        network = load_network(library.find(tag.name, text), name=tag.name)
-        if tag.dyn is not None:
-            network = network.rank_limited(tag.dyn)
-        te, unet = tag.schedules(hires)
-        networks.append(ScheduledNetwork(network=network, te=te, unet=unet))
-    return networks
+    Raises the first malformed tag's ScheduleSyntaxError, a LoRA Block Weight argument (which only
+    the WebUI's own Lora acts on) and a missing network, before anything is loaded.
+    """
+    tags = tags_in_prompt(prompt)
+    for text, tag in tags:
+        check_arguments(text, tag)
+        library.find(tag.name, text)
+    return [ScheduledNetwork(library.load(tag, text), *tag.schedules(hires)) for text, tag in tags]
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    model: str | None = None  # None: the built-in demo model
-    config: str | None = None
-    lora_dirs: tuple[str, ...] = ()
     steps: int = 20
     cfg_scale: float | None = None
     seed: int = 1
@@ -78,12 +79,8 @@ class GenerationResult:
             raise
 
 
-def load_pipeline(model: str | None, config: str | None = None) -> tuple[Any, str, list[str]]:
-    """(pipeline, label for the output, default network folders) for ``--model``."""
-    if model is None:
-        from lib_scheduled_lora.demo import model as demo
-
-        return demo.load_demo_pipeline(), "built-in demo model", [str(demo.NETWORK_DIR)]
+def load_pipeline(model: str, config: str | None = None) -> tuple[Any, str]:
+    """(pipeline, label for the output) for a diffusers folder or a single-file checkpoint."""
     import diffusers
 
     path = Path(model)
@@ -101,17 +98,17 @@ def load_pipeline(model: str | None, config: str | None = None) -> tuple[Any, st
             raise ModelFormatError(model, f"cannot load as a single-file checkpoint ({exc}); pass --config DIR") from exc
     else:
         raise ModelFormatError(model, "no such diffusers folder or .safetensors checkpoint")
-    return pipe, path.name, []
+    return pipe, path.name
 
 
-def generate(request: GenerationRequest, *, progress: bool = False) -> GenerationResult:
+def generate(
+    pipe: Any, request: GenerationRequest, library: NetworkLibrary, *, model_label: str, progress: bool = False
+) -> GenerationResult:
+    """One image of ``request`` on ``pipe``, with the networks of ``library`` the prompt names."""
     import torch
 
     from lib_scheduled_lora.hosts.diffusers import attach
 
-    tags_in_prompt(request.prompt)  # a malformed tag fails before the model is loaded
-    pipe, label, default_dirs = load_pipeline(request.model, request.config)
-    library = NetworkLibrary.scan(list(request.lora_dirs) or default_dirs)
     networks = scheduled_networks(request.prompt, library)  # errors before any sampling
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -129,7 +126,7 @@ def generate(request: GenerationRequest, *, progress: bool = False) -> Generatio
         image = pipe(**kwargs).images[0]
         positions = list(attached.positions)
     multipliers = {n.name: [n.unet.at(p, request.steps) for p in positions] for n in networks}
-    return GenerationResult(image, _infotext(request, image.size, label), label, multipliers)
+    return GenerationResult(image, _infotext(request, image.size, model_label), model_label, multipliers)
 
 
 def _infotext(request: GenerationRequest, size: tuple[int, int], model_label: str) -> str:

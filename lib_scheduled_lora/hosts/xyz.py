@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from lib_scheduled_lora.errors import ScheduleSyntaxError
-from lib_scheduled_lora.hosts.ownership import is_ours
 from lib_scheduled_lora.core.numbers import NumberSyntaxError, format_number, read_number
 from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
 from lib_scheduled_lora.core.tags import NetworkTag, TagMatch, map_tags
+from lib_scheduled_lora.errors import ScheduleSyntaxError
+from lib_scheduled_lora.hosts.ownership import is_ours
 
 _NAMED = re.compile(r"^\s*([^=:<>]+?)\s*=(.*)$", re.S)
 

@@ -9,9 +9,8 @@ used by the tests are the ones diffusers — and the WebUI — agree on.
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 from dataclasses import dataclass
 
 import torch

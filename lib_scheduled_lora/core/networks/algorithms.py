@@ -165,7 +165,10 @@ def dora_is_per_output(magnitude: Tensor, weight_shape: torch.Size | tuple[int, 
         shape ``[1, in, ...]`` (or ``[in]``).
     A ``[out, 1, ...]`` tensor is per-output even for square weights; a 1-D one is per-output only
     when its length matches out but not in (square 1-D defaults to per-input, for old files).
-    This is the rule of the WebUI's ``NetworkModule.apply_weight_decompose`` (SD.Next's network.py).
+    This is SD.Next's rule (``modules/lora/network.py``). AUTOMATIC1111 v1.10's
+    ``NetworkModule.apply_weight_decompose`` always normalises per input column, whatever the
+    shape, so per-output files (LyCORIS ``wd_on_out``, PEFT) apply differently there; per-input
+    files agree.
     """
     out_dim = weight_shape[0]
     in_dim = weight_shape[1] if len(weight_shape) >= 2 else None

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from lib_scheduled_lora.errors import NetworkFileError
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
 from lib_scheduled_lora.core.networks.files import read_safetensors
 from lib_scheduled_lora.core.networks.modules import COMMON_SUFFIXES, build_module
+from lib_scheduled_lora.errors import NetworkFileError
 
 # Every suffix a kohya / LyCORIS module key may carry (A1111's module types read these).
 KOHYA_SUFFIXES = frozenset(

@@ -3,7 +3,8 @@
 Semantics follow the AUTOMATIC1111 WebUI (extensions-builtin/Lora/network.py ``finalize_updown``):
 
     ΔW = reshape(rebuild(factors) [+ bias]) · scale          scale = alpha / dim, or 1
-    DoRA: ΔW ← m · (W + ΔW) / ‖W + ΔW‖ − W                    (apply_weight_decompose)
+    DoRA: ΔW ← m · (W + ΔW) / ‖W + ΔW‖ − W    (norm per output row or input column, by
+                                                 dora_scale's shape: see algorithms.dora)
     the host applies a multiplier linearly: W + mult · ΔW
 
 ``dim`` is the rank of the factorised part (LoRA: lora_down rows; LoHa: hada_w1_b rows; LoKr: the
@@ -19,9 +20,9 @@ from collections.abc import Mapping
 
 import torch
 
-from lib_scheduled_lora.errors import NetworkFileError
 from lib_scheduled_lora.core.networks import algorithms
 from lib_scheduled_lora.core.networks.base import LowRankFactors, NetworkModule
+from lib_scheduled_lora.errors import NetworkFileError
 
 Tensor = torch.Tensor
 
