@@ -34,7 +34,7 @@ def missing(is_installed=_default_is_installed) -> list[str]:
 def main(launch=None) -> list[str]:
     if launch is None:
         try:
-            import launch  # the WebUI's helper module (present when the WebUI runs this file)
+            launch = importlib.import_module("launch")  # the WebUI's helper module, when it runs this file
         except ImportError:
             launch = None
     is_installed = getattr(launch, "is_installed", None) or _default_is_installed

@@ -1,10 +1,44 @@
-"""User-facing errors. Each message names what is wrong and where (tag, column, file, key).
+"""User-facing errors. Each message names what is wrong and where (tag, column, file, key), in one
+line of a readable length: long tags, texts and paths are elided in the message (the full values
+stay on the exception's attributes).
 
 The command line prints any of these as one line and exits with code 2; the WebUI adapters show
 the message in the UI and return it from the API.
 """
 
 from __future__ import annotations
+
+import os
+
+MAX_TAG = 160  # characters of a tag shown in a message (around the column at fault)
+MAX_TEXT = 60  # characters of an offending part, of a file name's folder part
+ELLIPSIS = "…"
+
+
+def elide(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return text[:head] + ELLIPSIS + text[len(text) - (limit - 1 - head) :]
+
+
+def excerpt(tag: str, column: int, limit: int = MAX_TAG) -> str:
+    """The part of a long ``tag`` around 1-based ``column`` (the column still counts in the full tag)."""
+    if len(tag) <= limit:
+        return tag
+    start = min(max(0, column - 1 - limit // 2), len(tag) - limit)
+    shown = tag[start : start + limit]
+    return (ELLIPSIS if start > 0 else "") + shown + (ELLIPSIS if start + limit < len(tag) else "")
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A path as messages show it: a long folder part elided, the file name kept (up to a limit)."""
+    text = os.fspath(path)
+    if len(text) <= 2 * MAX_TEXT:
+        return text
+    folder, name = os.path.split(text)
+    return elide(folder, MAX_TEXT) + os.sep + elide(name, MAX_TEXT)
 
 
 class ScheduledLoraError(Exception):
@@ -20,23 +54,23 @@ class ScheduleSyntaxError(ScheduledLoraError, ValueError):
 
     def __init__(self, tag: str, text: str, column: int, problem: str):
         self.tag, self.text, self.column, self.problem = tag, text, column, problem
-        super().__init__(f"{tag}: {text!r} at column {column} {problem}")
+        super().__init__(f"{excerpt(tag, column)}: {elide(text)!r} at column {column} {problem}")
 
 
 class NetworkFileError(ScheduledLoraError):
     """A network file that cannot be read or understood (corrupt, truncated, not a network)."""
 
-    def __init__(self, path: str, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
+    def __init__(self, path: str | os.PathLike[str], problem: str):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{path_text(path)}: {problem}")
 
 
 class ModelFormatError(ScheduledLoraError):
     """A model (checkpoint or diffusers folder) that cannot be read or written."""
 
-    def __init__(self, path: str, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
+    def __init__(self, path: str | os.PathLike[str], problem: str):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{path_text(path)}: {problem}")
 
 
 class MissingNetworkError(ScheduledLoraError):

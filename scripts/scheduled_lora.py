@@ -11,6 +11,7 @@ import logging
 import gradio as gr
 from modules import extra_networks, prompt_parser, script_callbacks, scripts, shared
 
+from lib_scheduled_lora.core.engine import MODES
 from lib_scheduled_lora.core.session import Runtime
 from lib_scheduled_lora.hosts import a1111
 
@@ -74,7 +75,7 @@ def on_ui_settings():
             a1111.DEFAULT_MODE,
             "Engine mode",
             gr.Radio,
-            {"choices": list(a1111.MODES)},
+            {"choices": list(MODES)},
             section=section,
             infotext=a1111.INFOTEXT_MODE,
         ).info(

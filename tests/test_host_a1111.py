@@ -667,3 +667,18 @@ def test_plot_is_drawn(world):
     state = p.process_images()
     image = a1111.plot_passes(state)
     assert image.size[0] > 100 and image.size[1] > 200
+
+
+def test_each_tag_is_parsed_once_per_generation(world, monkeypatch):
+    """begin, validation, the batch warning, both passes' handler calls and conditioning all read
+    the generation's TagIndex: every distinct tag text is parsed once."""
+    from lib_scheduled_lora.core import tags as core_tags
+    from lib_scheduled_lora.hosts import ownership
+
+    parsed = []
+    original = core_tags.parse_tag
+    monkeypatch.setattr(ownership, "parse_tag", lambda text: parsed.append(text) or original(text))
+    monkeypatch.setattr(core_tags, "parse_tag", lambda text: parsed.append(text) or original(text))
+    prompt = "a cat <lora:wday:0@0.5:1:hr=0.25> <lora:wday:0.5>"
+    FakeP(world, prompt, steps=10, hr=True, hr_steps=10, denoise=0.5, batch_size=2).process_images()
+    assert sorted(parsed) == ["<lora:wday:0.5>", "<lora:wday:0@0.5:1:hr=0.25>"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 DEFAULT_PROMPTS = ("a wday", "a white wday")
 # (column label, schedule written into the tag; None = no tag)
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     library = NetworkLibrary.scan([demo.NETWORKS_DIR])
     rows = [(p, args.seed + i) for p in prompts for i in range(args.seeds)]
     texts = [strip_network_tags(p) for p, _ in rows]
-    cells = [[None] * len(columns) for _ in rows]
+    cells: list[list[Any]] = [[None] * len(columns) for _ in rows]
     notes = [[""] * len(columns) for _ in rows]
     labels = []
     for c, (label, schedule) in enumerate(columns):

@@ -68,7 +68,7 @@ def format_report(network, show_modules: bool = False) -> str:
     groups: dict[str, list] = {}
     for info in infos:
         groups.setdefault(info.kind, []).append(info)
-    rows = [("layer kind", "modules", "algorithm", "rank", "alpha", "dora")]
+    rows: list[tuple[str, ...]] = [("layer kind", "modules", "algorithm", "rank", "alpha", "dora")]
     for kind in sorted(groups, key=lambda k: (k.startswith("text-encoder"), k)):
         members = groups[kind]
         algorithms = sorted({i.label for i in members})

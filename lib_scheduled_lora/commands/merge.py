@@ -33,13 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lib_scheduled_lora.commands.progress import terminal_progress
     from lib_scheduled_lora.core.merge import load_networks, merge_model, parse_lora_spec
 
     specs = [parse_lora_spec(spec) for spec in args.loras]
     networks = load_networks(specs)  # fail on a bad network before reading a large model
-    result = merge_model(
-        args.model, networks, args.output, force=args.force, strict=args.strict, progress=not args.quiet
-    )
+    with terminal_progress("merging", unit="layer", enabled=not args.quiet) as progress:
+        result = merge_model(
+            args.model, networks, args.output, force=args.force, strict=args.strict, progress=progress
+        )
     report = result.report
     for net in report.networks:
         warning = net.warning()

@@ -37,6 +37,12 @@ from lib_scheduled_lora.core.schedule import Schedule
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "merge", "bypass"]
+MODES: tuple[Mode, ...] = ("auto", "merge", "bypass")
+
+
+def engine_mode(value: object, default: Mode = "auto") -> Mode:
+    """A settings value as a mode (an unknown one, from an old or hand-edited config: the default)."""
+    return next((mode for mode in MODES if mode == value), default)
 Component = Literal["te", "unet"]
 TEXT_COMPONENTS = frozenset({"te", "te2"})
 
@@ -242,6 +248,7 @@ class ScheduledWeights:
                     part.bypass = part.undecided = changes > 1
             bypassed = [p for p in parts if p.bypass]
             if bypassed:
+                assert layer.module is not None  # _can_bypass: a Linear or Conv2d
                 hook = _BypassHook(self, layer, bypassed, steps)
                 self._hooks.append(layer.module.register_forward_hook(hook))
                 if any(p.undecided for p in bypassed):
@@ -328,6 +335,7 @@ class ScheduledWeights:
         key = (part.target.key, part.target.weight, part.target.rows, layer.weight.device)
         delta = self.cache.get(network, key) if shared else None
         if delta is None:
+            assert layer.base is not None  # taken by writable() before any ΔW is needed
             delta = module.weight_delta(layer.base)
             self.stats.delta_rebuilds += 1
             keep = self.cache.put(network, key, delta) if shared else True
@@ -412,7 +420,7 @@ class _BypassHook:
         self.layer = layer
         self.module = layer.module
         self.steps = steps
-        self.parts = [(part, part.target.module.low_rank()) for part in parts]
+        self.parts = [(part, factors) for part in parts if (factors := part.target.module.low_rank()) is not None]
         self._ready: dict[tuple[int, torch.device, torch.dtype], LowRankFactors] = {}
 
     def decide(self, module: nn.Module, args: tuple) -> None:
@@ -451,9 +459,7 @@ class _BypassHook:
         if ready is None:
             conv = isinstance(self.module, nn.Conv2d)
 
-            def shape(t: torch.Tensor | None) -> torch.Tensor | None:
-                if t is None:
-                    return None
+            def shape(t: torch.Tensor) -> torch.Tensor:
                 t = t.to(device=x.device, dtype=x.dtype)
                 if conv and t.dim() == 2:
                     return t[:, :, None, None]
@@ -461,7 +467,8 @@ class _BypassHook:
                     return t.flatten(1)
                 return t
 
-            ready = LowRankFactors(shape(factors.down), shape(factors.up), shape(factors.mid), factors.scale)
+            mid = None if factors.mid is None else shape(factors.mid)
+            ready = LowRankFactors(shape(factors.down), shape(factors.up), mid, factors.scale)
             self._ready[key] = ready
         return ready
 

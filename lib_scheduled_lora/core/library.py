@@ -109,5 +109,6 @@ def tags_in_prompt(prompt: str) -> list[tuple[str, NetworkTag]]:
     for match in find_tags(prompt):
         if match.error is not None:
             raise match.error
+        assert match.tag is not None
         out.append((match.text, match.tag))
     return out

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,9 @@ from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_netwo
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
 from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
 from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
+
+# progress(label, done, total): called after each weight; the caller's bar (terminal, WebUI).
+Progress = Callable[[str, int, int], None]
 
 # Components of a diffusers pipeline that networks can change, and the names naming.py expects.
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -174,18 +177,20 @@ def apply_plan(
     plan: MergePlan,
     state_dict: Mapping[str, torch.Tensor],
     *,
-    progress: bool | str = False,
+    progress: Progress | None = None,
+    label: str = "",
 ) -> dict[str, torch.Tensor]:
     """New tensors for every planned weight (and bias) present in ``state_dict``; inputs untouched.
 
     Each weight (or row slice of a fused weight) goes through the engine's kernel
     (:func:`lib_scheduled_lora.core.combine.combine`): float32 from the original, one rounding.
-    ``progress``: a tqdm bar (its label when a string) if tqdm is installed.
+    ``progress(label, done, total)`` is called after every weight (a terminal bar, the WebUI's
+    progress bar; it may raise to cancel).
     """
     out: dict[str, torch.Tensor] = {}
     bias_terms: dict[str, dict[tuple[int, int] | None, list[Term]]] = {}
     names = [n for n in plan.parts if n in state_dict]
-    for name in _progress(names, progress):
+    for done, name in enumerate(names, 1):
         base = state_dict[name]
         regions: dict[tuple[int, int] | None, list[Term]] = {}
         for part in plan.parts[name]:
@@ -200,6 +205,8 @@ def apply_plan(
                     )
         if regions:
             out[name] = _combined(base, regions)
+        if progress is not None:
+            progress(label, done, len(names))
     for name, bias_regions in bias_terms.items():
         out[name] = _combined(state_dict[name], bias_regions)
     return out
@@ -226,7 +233,7 @@ def merge_networks(
     networks: Sequence[tuple[Network, float]],
     *,
     strict: bool = False,
-    progress: bool | str = False,
+    progress: Progress | None = None,
 ) -> MergeReport:
     """Merge ``networks`` (network, strength) into a whole model's state dict.
 
@@ -237,16 +244,6 @@ def merge_networks(
     plan = plan_merge({k: tuple(v.shape) for k, v in state_dict.items()}, networks, strict=strict)
     tensors = apply_plan(plan, state_dict, progress=progress)
     return MergeReport(tensors, plan.networks, plan.family, plan.layout)
-
-
-def _progress(items: list, label: bool | str):
-    if not label:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=label if isinstance(label, str) else "merging", unit="layer", leave=False)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -266,7 +263,7 @@ def merge_model(
     *,
     force: bool = False,
     strict: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Merge into a diffusers folder or a single-file checkpoint, writing ``output`` in the same layout.
 
@@ -304,7 +301,7 @@ def _merge_file(model, networks, output, *, force, strict, progress) -> MergeRes
             "(for a diffusers model, pass its folder)",
         )
     plan = plan_merge(index, networks, strict=strict)
-    changed = apply_plan(plan, state, progress=progress and model.name)
+    changed = apply_plan(plan, state, progress=progress, label=model.name)
     merged = {**state, **changed}
     write_safetensors_atomic(merged, output, metadata, force=force, error=ModelFormatError)
     report = MergeReport(changed, plan.networks, plan.family, plan.layout)
@@ -407,7 +404,7 @@ def _merge_folder(model, networks, output, *, force, strict, progress) -> MergeR
             state, metadata = _read_model_file(source)
             prefix = weight_file.component + "."
             prefixed = {prefix + k: v for k, v in state.items()}
-            changed = apply_plan(plan, prefixed, progress=progress and str(relative))
+            changed = apply_plan(plan, prefixed, progress=progress, label=str(relative))
             merged = {**state, **{k[len(prefix) :]: v for k, v in changed.items()}}
             write_safetensors_atomic(merged, destination, metadata, force=True, error=ModelFormatError)
             changed_all.update(changed)

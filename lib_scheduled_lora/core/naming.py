@@ -368,7 +368,7 @@ def _text_roots(family: str, layout: str) -> list[tuple[str, str, tuple[str, ...
             ("conditioner.embedders.1.model.", *te2, "openclip"),
         ]
     if family == "sd2":
-        prefixes = ("lora_te_",)
+        prefixes: tuple[str, ...] = ("lora_te_",)
         if layout == "ldm":
             return [("cond_stage_model.model.", TE, prefixes, "openclip")]
     else:

@@ -62,7 +62,7 @@ def labelled_grid(
         y = title_h + header_h + r * (ch_total + pad)
         draw.text((pad, y + ch // 2 - line_h // 2), label, fill="black", font=font)
         for c, cell in enumerate(cells[r]):
-            out.paste(cell.resize((cw, ch), Image.NEAREST), (row_w + c * (cw + pad), y))
+            out.paste(cell.resize((cw, ch), Image.Resampling.NEAREST), (row_w + c * (cw + pad), y))
             if cell_labels:
                 draw.text((row_w + c * (cw + pad), y + ch + 1), cell_labels[r][c], fill="black", font=font)
     return out

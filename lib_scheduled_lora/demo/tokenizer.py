@@ -73,7 +73,5 @@ class DemoTokenizer:
         if return_tensors == "pt":
             import torch
 
-            ids = torch.tensor(ids, dtype=torch.long)
-        elif single:
-            ids = ids[0]
-        return TokenizerOutput(input_ids=ids)
+            return TokenizerOutput(input_ids=torch.tensor(ids, dtype=torch.long))
+        return TokenizerOutput(input_ids=ids[0] if single else ids)

@@ -72,8 +72,8 @@ class Scene:
     cx: float
     cy: float
     phase: tuple[int, int]  # texture offset in pixels
-    size_word: str | None
-    position_word: str | None
+    size_word: str
+    position_word: str
 
 
 def _pick(rng: np.random.Generator, items):

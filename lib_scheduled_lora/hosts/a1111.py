@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_scheduled_lora.core.engine import EngineSettings
+from lib_scheduled_lora.core.engine import EngineSettings, Mode, engine_mode
 from lib_scheduled_lora.core.positions import PassGrid, grid_for_call, noise_level
 from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 from lib_scheduled_lora.hosts.ownership import (
@@ -49,8 +49,7 @@ from lib_scheduled_lora.hosts.ownership import (
 
 log = logging.getLogger("scheduled_lora")
 
-MODES = ("auto", "merge", "bypass")
-DEFAULT_MODE = "auto"
+DEFAULT_MODE: Mode = "auto"
 DEFAULT_CACHE_MB = 2048
 INFOTEXT_ENABLED = "Scheduled LoRA"
 INFOTEXT_MODE = "Scheduled LoRA mode"
@@ -139,7 +138,7 @@ class A1111Host:
         opts = self.shared.opts
         mode = getattr(opts, "scheduled_lora_mode", DEFAULT_MODE)
         budget = getattr(opts, "scheduled_lora_cache_mb", DEFAULT_CACHE_MB)
-        return EngineSettings(mode=mode if mode in MODES else DEFAULT_MODE, cache_budget_mb=float(budget))
+        return EngineSettings(mode=engine_mode(mode, DEFAULT_MODE), cache_budget_mb=float(budget))
 
 
 class ScheduledExtraNetwork:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
+from lib_scheduled_lora.core.engine import EngineSettings, Mode, ScheduledNetwork
 from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags, tags_in_prompt
 from lib_scheduled_lora.errors import ModelFormatError
 from lib_scheduled_lora.hosts.ownership import check_arguments
@@ -48,7 +48,7 @@ class GenerationRequest:
     sampler: str = "euler"
     width: int | None = None
     height: int | None = None
-    mode: str = "auto"
+    mode: Mode = "auto"
 
 
 @dataclass

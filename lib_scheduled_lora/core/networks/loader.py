@@ -181,7 +181,11 @@ def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
         if parsed is None and peft is None:
             unrecognised.append(key)
             continue
-        base, suffix = parsed if parsed is not None else peft[:2]
+        if parsed is not None:
+            base, suffix = parsed
+        else:
+            assert peft is not None
+            base, suffix = peft[0], peft[1]
         slot = slots.setdefault(base, _Slot())
         if suffix in slot.weights:  # two spellings of the same layer: keep the first, report the other
             unrecognised.append(key)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import overload
 
 import torch
 
@@ -30,6 +31,10 @@ Tensor = torch.Tensor
 COMMON_SUFFIXES = ("alpha", "scale", "dora_scale", "bias")
 
 
+@overload
+def _f32(tensor: Tensor, device: torch.device | str = "cpu") -> Tensor: ...
+@overload
+def _f32(tensor: None, device: torch.device | str = "cpu") -> None: ...
 def _f32(tensor: Tensor | None, device: torch.device | str = "cpu") -> Tensor | None:
     return None if tensor is None else tensor.to(device=device, dtype=torch.float32)
 
@@ -149,7 +154,7 @@ class LoraModule(BaseModule):
         self.up = weights["lora_up.weight"]
         self.down = weights["lora_down.weight"]
         self.mid = weights.get("lora_mid.weight")
-        self.dim = self.down.shape[0]
+        self.dim: int = self.down.shape[0]
         up_rank = self.up.shape[1] if self.up.dim() >= 2 else None
         if up_rank != self.dim or (self.mid is not None and tuple(self.mid.shape[:2]) != (self.dim, self.dim)):
             mid = f", lora_mid {list(self.mid.shape)}" if self.mid is not None else ""
@@ -193,7 +198,7 @@ class LoraModule(BaseModule):
         limited.dim = rank
         return limited
 
-    def low_rank(self, target_shape: torch.Size | tuple[int, ...] | None = None) -> LowRankFactors | None:
+    def low_rank(self, target_shape: Sequence[int] | None = None) -> LowRankFactors | None:
         """Factors for bypass mode, float32 on CPU.
 
         Without ``target_shape`` they keep the file's layout (Linear: down [r, in], up [out, r]; conv:
@@ -267,7 +272,9 @@ class LohaModule(BaseModule):
 
     def _updown(self, base: Tensor) -> Tensor:
         d = base.device
-        return algorithms.loha(*(_f32(t, d) for t in (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)))
+        return algorithms.loha(
+            _f32(self.w1a, d), _f32(self.w1b, d), _f32(self.w2a, d), _f32(self.w2b, d), _f32(self.t1, d), _f32(self.t2, d)
+        )
 
 
 class LokrModule(BaseModule):
@@ -283,9 +290,10 @@ class LokrModule(BaseModule):
         self.t2 = weights.get("lokr_t2")
         # A1111: alpha / dim applies only when a side is factorised, dim being that side's rank
         # (w2's when both are, as w2_b is looked at last).
-        if self.w1 is None:
+        # (module_type_for guarantees a factorised side has both of its factors)
+        if self.w1 is None and self.w1b is not None:
             self.dim = self.w1b.shape[0]
-        if self.w2 is None:
+        if self.w2 is None and self.w2b is not None:
             self.dim = self.w2b.shape[0]
 
     def _updown(self, base: Tensor) -> Tensor:
