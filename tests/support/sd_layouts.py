@@ -18,6 +18,7 @@ from torch import nn
 
 from lib_scheduled_lora.core.naming import unet_diffusers_to_ldm
 from lib_scheduled_lora.core.networks.base import NetworkModule
+from support.random_networks import Layer, constant, random_network
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -253,25 +254,15 @@ def kohya_lora_state(
     alphas of SD 1.x attention layers (PEFT warns "alpha_pattern keys did not match"), and it is the
     oracle here.
     """
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
+    layers = []
     for key, module_name in kohya_keys(model).items():
         if select is not None and not select(key):
             continue
         component, _, path = module_name.partition(".")
         layer = getattr(model, component).get_submodule(path)
-        if isinstance(layer, nn.Linear):
-            down = torch.randn(rank, layer.in_features, generator=generator)
-            up = torch.randn(layer.out_features, rank, generator=generator)
-        elif isinstance(layer, nn.Conv2d):
-            down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator)
-            up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
-        else:
-            continue
-        state[key + ".lora_down.weight"] = down * scale
-        state[key + ".lora_up.weight"] = up * scale
-        state[key + ".alpha"] = torch.tensor(float(alpha))
-    return state
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            layers.append(Layer(key, tuple(layer.weight.shape)))
+    return random_network(layers, "lora", rank=rank, seed=seed, std=constant(scale), alpha=lambda r: alpha)
 
 
 class ModuleTree(nn.Module):
