@@ -2,24 +2,33 @@
 
 Design, in the order it matters:
 
-* Exact. Every targeted weight (or row slice of a fused weight) is copied once, bit for bit, on
-  its own device. An update recomputes ``W = W_base + Σ m_k ΔW_k`` in float32 from that copy and
-  rounds once to the weight's dtype; nothing is ever added and later subtracted (in fp16/bf16
-  that drifts). Leaving the context restores every copy, also on exceptions and interrupts.
-* Lazy. ``set_position`` evaluates the schedules; only networks whose multiplier changed mark
-  their layers dirty, and only dirty layers are rewritten. A step schedule costs one update at
-  its switch, a constant one a single update at the start.
-* Fast. ΔW is cached in float32 on the weight's device (within a byte budget, across
-  generations), so an update is a single pass over memory: read base and ΔW, write W. A
-  low-rank LoRA/LoCon layer whose multiplier keeps changing can instead run in *bypass* mode,
-  ``y = W_base·x + m·scale·up(mid(down(x)))``, which writes no weights at all. ``auto`` picks,
-  per layer, whichever moves fewer bytes and does fewer FLOPs for that layer's real input size
-  (see :func:`_bypass_is_cheaper`); ``merge`` and ``bypass`` force one.
+* Exact. An update computes ``round(W_base + Σ m_k ΔW_k)`` in float32 from the original values and
+  rounds once (:func:`lib_scheduled_lora.core.combine.combine`); nothing is ever added and later
+  subtracted (in fp16/bf16 that drifts). Leaving the context restores every original bit for
+  bit, also on exceptions and interrupts, where the host expects the weight now
+  (:mod:`lib_scheduled_lora.core.live`: swapped buffers on the CPU, in-place writes with the
+  original in host RAM on accelerators, parameters the host moves mid-generation followed).
+* Lean. On an accelerator nothing is kept on the device by default: no second copy of the
+  targeted weights, no device ΔW cache; an update needs one layer's temporaries at a time. A user
+  budget (``device_budget_mb``) lets the engine keep originals and ΔW on the device for speed, as
+  far as the device's free memory allows.
+* Lazy. ``set_position`` evaluates the schedules; only layers of networks whose multiplier
+  changed are rewritten. A step schedule costs one update at its switch, a constant one a single
+  update at the start.
+* Fast. In host memory ΔW is cached in float32 (within a byte budget, across generations), so an
+  update is one pass over memory. A low-rank LoRA/LoCon layer whose multiplier keeps changing can
+  instead run in *bypass* mode (``y = W_base·x + m·scale·up(mid(down(x)))``, no weight writes).
+  ``auto`` picks per layer: on the CPU whichever costs less for the layer's real input size
+  (:func:`_bypass_is_cheaper`); on an accelerator bypass for ramps (a merge there would copy the
+  original back from host RAM at every change) and merges for constant and step schedules.
+  ``merge`` and ``bypass`` force one. Layers the host streams per forward (no writable weight)
+  get the networks in their forward (:mod:`lib_scheduled_lora.core.layer_hooks`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,24 +36,26 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lib_scheduled_lora.core.combine import Term, combine
+from lib_scheduled_lora.core.combine import Term
 from lib_scheduled_lora.core.delta_cache import DeltaCache
+from lib_scheduled_lora.core.layer_hooks import OutputDelta
+from lib_scheduled_lora.core.live import BufferPool, LiveTensor, is_host_memory, nbytes
 from lib_scheduled_lora.core.naming import Target, map_network
-from lib_scheduled_lora.core.networks.algorithms import lora_bypass
-from lib_scheduled_lora.core.networks.base import LowRankFactors, Network
+from lib_scheduled_lora.core.networks.base import LowRankFactors, Network, NetworkModule
 from lib_scheduled_lora.core.schedule import Schedule
+from lib_scheduled_lora.errors import ScheduledLoraError
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "merge", "bypass"]
 MODES: tuple[Mode, ...] = ("auto", "merge", "bypass")
+Component = Literal["te", "unet"]
+TEXT_COMPONENTS = frozenset({"te", "te2"})
 
 
 def engine_mode(value: object, default: Mode = "auto") -> Mode:
     """A settings value as a mode (an unknown one, from an old or hand-edited config: the default)."""
     return next((mode for mode in MODES if mode == value), default)
-Component = Literal["te", "unet"]
-TEXT_COMPONENTS = frozenset({"te", "te2"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,21 @@ class EngineSettings:
     """User settings (the WebUI exposes them in Settings → Scheduled LoRA)."""
 
     mode: Mode = "auto"
-    cache_budget_mb: float = 2048.0  # float32 ΔW kept on the weights' device
+    cache_budget_mb: float = 2048.0  # float32 ΔW kept in host memory between generations
+    device_budget_mb: float = 0.0  # accelerator memory for originals and ΔW (0: nothing kept there)
+
+
+# Free accelerator memory the engine leaves to the host's own work (activations, VAE) when it
+# uses its device budget: what auto looks at before trading memory for speed.
+DEVICE_HEADROOM = 1.5 * 2**30
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on an accelerator (None when the backend cannot tell)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
 
 
 @dataclass(frozen=True)
@@ -78,77 +103,31 @@ class _Contribution:
     net: int  # index into the engine's networks
     target: Target
     bypass: bool = False
-    undecided: bool = False  # auto mode: bypass until the first forward shows the input size
-    delta: torch.Tensor | None = None  # float32 ΔW held for this generation (merge mode)
+    undecided: bool = False  # auto mode on the CPU: bypass until the first forward shows the input size
+    delta: torch.Tensor | None = None  # float32 ΔW held for this generation
     bias_delta: torch.Tensor | None = None
+
+    @property
+    def module(self) -> NetworkModule:
+        return self.target.module
 
 
 @dataclass
 class _Layer:
-    """One weight (or row slice of a fused weight) and everything that writes to it.
+    """One weight (or row slice of a fused weight), its bias, and everything that writes to them."""
 
-    The original values are kept bit for bit. For a whole weight the original *tensor* is the
-    backup: while a network acts on the layer, ``param.data`` points at a second buffer that holds
-    ``round(W + Σ m·ΔW)``, and going back to the base model (a multiplier of 0, or the end of the
-    generation) points it at the original again — no copy, and bit-identical by construction. A
-    row slice of a fused weight (SD 2 / SDXL OpenCLIP q/k/v) cannot be swapped alone, so its rows
-    are cloned and copied back instead.
-    """
-
-    param: nn.Parameter
-    rows: tuple[int, int] | None
-    bias_param: nn.Parameter | None
-    module: nn.Module | None  # for bypass hooks; None for row slices
+    weight: LiveTensor
+    bias: LiveTensor | None
+    module: nn.Module | None  # for forward hooks; None for row slices
     component: str
     parts: list[_Contribution] = field(default_factory=list)
-    base: torch.Tensor | None = None  # the original values (taken at the first write)
-    base_bias: torch.Tensor | None = None
-    spare: torch.Tensor | None = None  # the buffer that holds merged values (whole weights)
-    on_spare: bool = False  # param.data points at ``spare`` (``param.data`` is a new object per access)
+    hook: OutputDelta | None = None  # bypassed or forward-time parts
+    handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    forward_time: bool = False  # the host streams this layer's weights: every part in the forward
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The live values (what the model computes with)."""
-        data = self.param.data
-        return data if self.rows is None else data[self.rows[0] : self.rows[1]]
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        if self.bias_param is None:
-            return None
-        data = self.bias_param.data
-        return data if self.rows is None else data[self.rows[0] : self.rows[1]]
-
-    def writable(self) -> torch.Tensor:
-        """The tensor to write merged values into, keeping the originals first."""
-        if self.base is None:
-            self.base_bias = None if self.bias is None else self.bias.clone()
-            if self.rows is not None:
-                self.base = self.weight.clone()
-            else:
-                self.base = self.param.data
-        if self.rows is None and not self.on_spare:
-            if self.spare is None:
-                self.spare = torch.empty_like(self.base)
-            self.param.data = self.spare
-            self.on_spare = True
-        return self.weight
-
-    def back_to_base(self) -> None:
-        """Every multiplier is 0 (or the generation ended): the original values, exactly."""
-        if self.base is None:
-            return
-        if self.rows is None:
-            self.param.data = self.base
-            self.on_spare = False
-        else:
-            self.weight.copy_(self.base)
-        if self.bias is not None and self.base_bias is not None:
-            self.bias.copy_(self.base_bias)
-
-    def release(self) -> None:
-        self.back_to_base()
-        self.base = self.base_bias = self.spare = None
+    def in_forward(self, net: int) -> bool:
+        """Whether network ``net`` acts on this layer through the forward hook (not the weight)."""
+        return any(part.net == net and part.bypass for part in self.parts)
 
 
 @dataclass
@@ -166,7 +145,7 @@ class ScheduledWeights:
     ``model`` is the module whose ``named_parameters()`` carry the names that
     :func:`lib_scheduled_lora.core.naming.map_network` understands (a diffusers pipeline's components
     in a ``ModuleDict`` with keys ``unet``/``text_encoder``/``text_encoder_2``, or the WebUI's
-    ldm/sgm model). ``cache`` may be shared between generations (see :class:`DeltaCache`).
+    ldm/sgm model). ``cache`` and ``pool`` may be shared between generations (the runtime does).
 
     >>> with ScheduledWeights(model, networks) as weights:        # doctest: +SKIP
     ...     weights.set_position("te", 0, steps)
@@ -181,16 +160,18 @@ class ScheduledWeights:
         networks: Sequence[ScheduledNetwork],
         settings: EngineSettings | None = None,
         cache: DeltaCache | None = None,
+        pool: BufferPool | None = None,
     ):
         self.settings = settings or EngineSettings()
         self.networks = list(networks)
         self.cache = cache if cache is not None else DeltaCache(int(self.settings.cache_budget_mb * 2**20))
+        self.pool = pool
         self.stats = UpdateStats()
         self.unmatched: dict[str, list[str]] = {}
         self._multipliers: dict[tuple[int, str], float] = {}  # (net, component) -> m in force
         self._layers: dict[tuple[str, tuple[int, int] | None], _Layer] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._modes_chosen = False
+        self._device_budget: dict[torch.device, int] = {}
         self._bind(model)
 
     # -- setting up -------------------------------------------------------------------------
@@ -215,16 +196,15 @@ class ScheduledWeights:
         key = (target.weight, target.rows)
         layer = self._layers.get(key)
         if layer is not None:
-            if layer.bias_param is None and target.bias:
+            if layer.bias is None and target.bias:
                 # A later network may change the bias where an earlier one did not (LoRA, then a
                 # full network with diff_b): the layer's bias is bound by whichever asks first.
-                layer.bias_param = params[target.bias]
+                layer.bias = LiveTensor(params[target.bias], target.rows, self.pool)
             return layer
         module_name = target.weight.rpartition(".")[0]
         layer = _Layer(
-            param=params[target.weight],
-            rows=target.rows,
-            bias_param=params[target.bias] if target.bias else None,
+            weight=LiveTensor(params[target.weight], target.rows, self.pool),
+            bias=LiveTensor(params[target.bias], target.rows, self.pool) if target.bias else None,
             module=modules.get(module_name) if target.rows is None else None,
             component=target.component,
         )
@@ -238,21 +218,41 @@ class ScheduledWeights:
             if layer.component != "unet":
                 continue
             parts = [p for p in layer.parts if _can_bypass(layer, p)]
+            on_cpu = is_host_memory(layer.weight.data.device)
             for part in parts:
+                changes = _count_changes(self.networks[part.net].unet, steps)
                 if mode == "bypass":
                     part.bypass = True
-                elif mode == "auto" and layer.weight.device.type == "cpu":
-                    # On a GPU a merge is a few microseconds of memory traffic and bypass costs
-                    # kernel launches on every evaluation, so auto only weighs up on the CPU.
-                    changes = _count_changes(self.networks[part.net].unet, steps)
+                elif mode == "auto" and on_cpu:
                     part.bypass = part.undecided = changes > 1
+                elif mode == "auto":
+                    # A merge on an accelerator copies the original back from host RAM at each
+                    # change; bypass costs a few kernels per evaluation and writes nothing.
+                    part.bypass = changes > 1
             bypassed = [p for p in parts if p.bypass]
             if bypassed:
-                assert layer.module is not None  # _can_bypass: a Linear or Conv2d
-                hook = _BypassHook(self, layer, bypassed, steps)
-                self._hooks.append(layer.module.register_forward_hook(hook))
-                if any(p.undecided for p in bypassed):
-                    self._hooks.append(layer.module.register_forward_pre_hook(hook.decide))
+                self._hook_layer(layer, bypassed, steps)
+
+    def _hook_layer(self, layer: _Layer, parts: list[_Contribution], steps: int, *, dense: bool = False) -> None:
+        """Apply ``parts`` in the layer's forward (replacing a hook it had)."""
+        assert layer.module is not None  # _can_bypass / forward-time: a whole Linear or Conv2d
+        self._unhook(layer)
+        component = layer.component
+
+        def multiplier(net: int) -> float:  # parts switched to merging add nothing here
+            return self.multiplier(net, component) if layer.in_forward(net) else 0.0
+
+        layer.hook = OutputDelta(layer.module, [(p.net, p.module) for p in parts], multiplier, dense=dense)
+        layer.handles.append(layer.module.register_forward_hook(layer.hook))
+        if any(p.undecided for p in parts):
+            layer.handles.append(layer.module.register_forward_pre_hook(_AutoDecision(self, layer, steps)))
+
+    @staticmethod
+    def _unhook(layer: _Layer) -> None:
+        for handle in layer.handles:
+            handle.remove()
+        layer.handles.clear()
+        layer.hook = None
 
     # -- the context --------------------------------------------------------------------------
 
@@ -264,18 +264,21 @@ class ScheduledWeights:
 
     def restore(self) -> None:
         """Put every touched weight back, bit for bit, and remove hooks. Idempotent."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        for layer in self._layers.values():
+            self._unhook(layer)
         with torch.no_grad():
             for layer in self._layers.values():
-                layer.release()
+                layer.weight.release()
+                if layer.bias is not None:
+                    layer.bias.release()
         for layer in self._layers.values():
+            layer.forward_time = False
             for part in layer.parts:
                 part.delta = part.bias_delta = None
                 part.bypass = part.undecided = False
         self._multipliers.clear()
         self._modes_chosen = False
+        self._device_budget.clear()
 
     # -- per evaluation -----------------------------------------------------------------------
 
@@ -295,10 +298,10 @@ class ScheduledWeights:
             return
         with torch.no_grad():
             for layer in self._layers.values():
-                if _component(layer.component) != component:
+                if _component(layer.component) != component or layer.forward_time:
                     continue
                 if any(part.net in changed and not part.bypass for part in layer.parts):
-                    self._write(layer)
+                    self._write(layer, steps)
 
     def multiplier(self, net: int, component: str) -> float:
         return self._multipliers.get((net, _component(component)), 0.0)
@@ -307,7 +310,10 @@ class ScheduledWeights:
         """The multiplier in force per network name (for logs, plots and tests)."""
         return {scheduled.name: self.multiplier(i, component) for i, scheduled in enumerate(self.networks)}
 
-    def _write(self, layer: _Layer) -> None:
+    def _write(self, layer: _Layer, steps: int = 1) -> None:
+        if not layer.weight.writable:
+            self._to_forward_time(layer, steps)
+            return
         merged = [
             (self.multiplier(part.net, layer.component), part)
             for part in layer.parts
@@ -315,37 +321,98 @@ class ScheduledWeights:
         ]
         self.stats.layer_updates += 1
         if not merged:
-            layer.back_to_base()
+            layer.weight.to_base()
+            if layer.bias is not None:
+                layer.bias.to_base()
             return
-        out = layer.writable()
-        assert layer.base is not None
-        terms = [Term(m, part.target.module, self._delta(layer, part)) for m, part in merged]
-        combine(layer.base, terms, out=out)
-        bias = layer.bias
-        if bias is not None and layer.base_bias is not None:
-            combine(layer.base_bias, [Term(m, None, p.bias_delta) for m, p in merged if p.bias_delta is not None], out=bias)
-        self.stats.bytes_moved += _nbytes(out) * 2 + sum(_nbytes(t.delta) for t in terms if t.delta is not None)
+        layer.weight.take_backup(on_device=self._spend_device_budget(layer.weight))
+        terms = [Term(m, part.module, self._delta(layer, part)) for m, part in merged]
+        layer.weight.write(terms)
+        if layer.bias is not None:
+            bias_terms = [Term(m, None, p.bias_delta) for m, p in merged if p.bias_delta is not None]
+            if bias_terms:
+                layer.bias.write(bias_terms)
+            else:
+                layer.bias.to_base()
+        out = layer.weight.data
+        self.stats.bytes_moved += nbytes(out) * 2 + sum(nbytes(t.delta) for t in terms)
 
-    def _delta(self, layer: _Layer, part: _Contribution) -> torch.Tensor:
+    def _to_forward_time(self, layer: _Layer, steps: int) -> None:
+        """The host keeps this layer's weights elsewhere and streams them per forward: apply every
+        network of the layer in its forward from now on (it has no weight of ours to restore)."""
+        if layer.forward_time:
+            return
+        if layer.module is None:
+            raise _not_streamable(layer, "a row slice of a fused weight")
+        layer.forward_time = True
+        for part in layer.parts:
+            part.bypass, part.undecided = True, False
+        try:
+            self._hook_layer(layer, layer.parts, steps, dense=True)
+        except ScheduledLoraError as exc:
+            raise _not_streamable(layer, str(exc)) from None
+        log.info("%s: weights streamed by the host; networks applied in its forward", layer.parts[0].target.weight)
+
+    def _delta(self, layer: _Layer, part: _Contribution) -> torch.Tensor | None:
+        """ΔW of one part: held for the generation, from the ΔW cache, or built (and kept when the
+        budget allows). On an accelerator without a device budget: None (built by the kernel, not kept)."""
         if part.delta is not None:
             return part.delta
-        module = part.target.module
+        module = part.module
         network = self.networks[part.net].network
-        shared = not _depends_on_base(module)
-        key = (part.target.key, part.target.weight, part.target.rows, layer.weight.device)
-        delta = self.cache.get(network, key) if shared else None
-        if delta is None:
-            assert layer.base is not None  # taken by writable() before any ΔW is needed
-            delta = module.weight_delta(layer.base)
+        live = layer.weight
+        device = live.data.device
+        if layer.bias is not None and part.bias_delta is None and module.changes_bias:
+            part.bias_delta = module.bias_delta(layer.bias.base())
+        if not is_host_memory(device):
+            # On an accelerator ΔW is held (for this pass only) within the user's device budget;
+            # without one, combine() builds it per update and drops it.
             self.stats.delta_rebuilds += 1
-            keep = self.cache.put(network, key, delta) if shared else True
-        else:
-            keep = True
-        if layer.bias is not None:
-            part.bias_delta = module.bias_delta(layer.base_bias)
-        if keep:
+            if not self._fits_device_budget(device, live.data.numel() * 4):
+                return None
+            part.delta = module.weight_delta(live.base().to(device))
+            self._spend(device, nbytes(part.delta))
+            return part.delta
+        shared = not _depends_on_base(module)  # ΔW of IA3/DoRA depends on the base: this pass only
+        key = (part.target.key, part.target.weight, part.target.rows, device)
+        delta = self.cache.get(network, key) if shared else None
+        if delta is not None:
+            part.delta = delta
+            return delta
+        self.stats.delta_rebuilds += 1
+        delta = module.weight_delta(live.base())
+        if not shared or self.cache.put(network, key, delta):
             part.delta = delta
         return delta
+
+    # -- the device budget --------------------------------------------------------------------------
+
+    def _budget(self, device: torch.device) -> int:
+        """Bytes of the user's device budget left, never more than the device can spare now."""
+        if device not in self._device_budget:
+            budget = int(self.settings.device_budget_mb * 2**20)
+            free = free_device_memory(device)
+            if free is not None:
+                budget = min(budget, max(0, int(free - DEVICE_HEADROOM)))
+            self._device_budget[device] = budget
+        return self._device_budget[device]
+
+    def _fits_device_budget(self, device: torch.device, size: int) -> bool:
+        return self._budget(device) >= size
+
+    def _spend(self, device: torch.device, size: int) -> None:
+        self._device_budget[device] = self._budget(device) - size
+
+    def _spend_device_budget(self, live: LiveTensor) -> bool:
+        """Whether ``live``'s original may be kept on its (accelerator) device."""
+        data = live.data
+        if live.backup is not None or is_host_memory(data.device):
+            return False
+        size = nbytes(data)
+        if not self._fits_device_budget(data.device, size):
+            return False
+        self._spend(data.device, size)
+        return True
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -356,13 +423,31 @@ class ScheduledWeights:
     def bypassed_layers(self) -> int:
         return sum(any(p.bypass for p in layer.parts) for layer in self._layers.values())
 
-    def base_bytes(self) -> int:
-        """Extra memory for keeping the originals: merge buffers, cloned rows and biases."""
-        extra = 0
+    def memory(self) -> dict[tuple[str, str], int]:
+        """Extra bytes the engine holds now, by (role, device): originals kept as copies, merge
+        buffers, ΔW held for this generation, factors prepared for forward hooks. (The ΔW cache
+        shared between generations is :attr:`cache`'s.)"""
+        out: dict[tuple[str, str], int] = defaultdict(int)
+        deltas: dict[int, torch.Tensor] = {}
         for layer in self._layers.values():
-            for t in (layer.spare, layer.base_bias, layer.base if layer.rows is not None else None):
-                extra += 0 if t is None else _nbytes(t)
-        return extra
+            for live in (layer.weight, layer.bias):
+                if live is not None:
+                    for role, size in live.extra_bytes().items():
+                        out[role] += size
+            for part in layer.parts:
+                if part.delta is not None:
+                    deltas[id(part.delta)] = part.delta
+            if layer.hook is not None and layer.module is not None:
+                weight = getattr(layer.module, "weight", None)
+                device = str(weight.device) if isinstance(weight, torch.Tensor) else "?"
+                out[("forward factors", device)] += layer.hook.extra_bytes()
+        for delta in deltas.values():
+            out[("ΔW", str(delta.device))] += nbytes(delta)
+        return {key: value for key, value in out.items() if value}
+
+    def base_bytes(self) -> int:
+        """Extra memory for keeping the originals: merge buffers and copies of originals."""
+        return sum(v for (role, _), v in self.memory().items() if role in ("backup", "merge buffer"))
 
     def iter_targets(self) -> Iterator[Target]:
         for layer in self._layers.values():
@@ -380,12 +465,15 @@ def _count_changes(schedule: Schedule, steps: int) -> int:
     return sum(1 for a, b in zip(values, values[1:]) if a != b)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _depends_on_base(module) -> bool:
+def _depends_on_base(module: NetworkModule) -> bool:
     return module.algorithm == "ia3" or module.dora
+
+
+def _not_streamable(layer: _Layer, why: str) -> ScheduledLoraError:
+    return ScheduledLoraError(
+        f"{layer.parts[0].target.weight}: the host keeps this weight off the model between forwards "
+        f"(sequential offload), and {why} cannot be applied in a forward; turn that offload off"
+    )
 
 
 # CPU arithmetic per byte of memory traffic: a 2-core AVX2 machine does ~50-100 GFLOP/s of
@@ -403,78 +491,37 @@ def _bypass_is_cheaper(layer: _Layer, factors: LowRankFactors, tokens: int, chan
     fan_in = factors.down[0].numel()
     fan_out = factors.up.shape[0]
     bypass_flops = 2.0 * tokens * rank * (fan_in + fan_out)
-    elt = layer.weight.element_size()
-    per_update = layer.weight.numel() * (2 * elt + 4 + (0 if elt == 4 else 8))
+    weight = layer.weight.data if isinstance(layer.weight, LiveTensor) else layer.weight
+    elt = weight.element_size()
+    per_update = weight.numel() * (2 * elt + 4 + (0 if elt == 4 else 8))
     return bypass_flops < CPU_FLOPS_PER_BYTE * per_update * changes_per_eval
 
 
 def _can_bypass(layer: _Layer, part: _Contribution) -> bool:
-    return part.target.module.can_bypass and isinstance(layer.module, (nn.Linear, nn.Conv2d))
+    return part.module.can_bypass and isinstance(layer.module, (nn.Linear, nn.Conv2d))
 
 
-class _BypassHook:
-    """Forward hook adding m·scale·up(mid(down(x))) for the bypassed networks of one layer."""
+class _AutoDecision:
+    """Auto mode on the CPU, first forward of a layer: keep bypass or switch to merge, now that
+    the input size is known."""
 
-    def __init__(self, engine: ScheduledWeights, layer: _Layer, parts: list[_Contribution], steps: int):
-        self.engine = engine
-        self.layer = layer
-        self.module = layer.module
-        self.steps = steps
-        self.parts = [(part, factors) for part in parts if (factors := part.target.module.low_rank()) is not None]
-        self._ready: dict[tuple[int, torch.device, torch.dtype], LowRankFactors] = {}
+    def __init__(self, engine: ScheduledWeights, layer: _Layer, steps: int):
+        self.engine, self.layer, self.steps = engine, layer, steps
 
-    def decide(self, module: nn.Module, args: tuple) -> None:
-        """Auto mode, first forward: keep bypass or switch to merge, now that T is known."""
+    def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0]
         channels = x.shape[1] if isinstance(module, nn.Conv2d) else x.shape[-1]
         tokens = max(1, x.numel() // max(1, channels))
         switched = False
-        for part, factors in self.parts:
+        for part in self.layer.parts:
             if not part.undecided:
                 continue
             part.undecided = False
+            factors = part.module.low_rank()
             rate = _count_changes(self.engine.networks[part.net].unet, self.steps) / max(1, self.steps)
-            if not _bypass_is_cheaper(self.layer, factors, tokens, rate):
+            if factors is not None and not _bypass_is_cheaper(self.layer, factors, tokens, rate):
                 part.bypass = False
                 switched = True
         if switched:
             with torch.no_grad():
-                self.engine._write(self.layer)
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        for part, factors in self.parts:
-            if not part.bypass:
-                continue
-            m = self.engine.multiplier(part.net, "unet")
-            if m == 0.0:
-                continue
-            f = self._prepared(part.net, factors, x)
-            output = output + (m * f.scale) * self._low_rank_forward(f, x)
-        return output
-
-    def _prepared(self, net: int, factors: LowRankFactors, x: torch.Tensor) -> LowRankFactors:
-        key = (net, x.device, x.dtype)
-        ready = self._ready.get(key)
-        if ready is None:
-            conv = isinstance(self.module, nn.Conv2d)
-
-            def shape(t: torch.Tensor) -> torch.Tensor:
-                t = t.to(device=x.device, dtype=x.dtype)
-                if conv and t.dim() == 2:
-                    return t[:, :, None, None]
-                if not conv and t.dim() == 4:
-                    return t.flatten(1)
-                return t
-
-            mid = None if factors.mid is None else shape(factors.mid)
-            ready = LowRankFactors(shape(factors.down), shape(factors.up), mid, factors.scale)
-            self._ready[key] = ready
-        return ready
-
-    def _low_rank_forward(self, f: LowRankFactors, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        if isinstance(module, nn.Conv2d):
-            conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-            return lora_bypass(x, f.down, f.up, f.mid, conv)
-        return lora_bypass(x, f.down, f.up)
+                self.engine._write(self.layer, self.steps)

@@ -41,6 +41,7 @@ from torch import nn
 from lib_scheduled_lora.core.delta_cache import DeltaCache
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
 from lib_scheduled_lora.core.library import LoadedNetworks
+from lib_scheduled_lora.core.live import BufferPool
 from lib_scheduled_lora.core.networks.base import Network
 from lib_scheduled_lora.core.positions import PassGrid
 from lib_scheduled_lora.core.tags import NetworkTag
@@ -131,7 +132,9 @@ class Runtime:
     host: HostAdapter
     cache: DeltaCache = field(default_factory=lambda: DeltaCache(0))
     loaded: LoadedNetworks = field(default_factory=LoadedNetworks)
+    pool: BufferPool = field(default_factory=BufferPool)  # merge buffers reused by the next pass
     _open: list[ScheduledWeights] = field(default_factory=list)
+    _model_key: object = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
     current: PassSession | None = None
 
@@ -151,11 +154,15 @@ class Runtime:
 
     def _engine(self, networks: Sequence[ScheduledNetwork]) -> ScheduledWeights:
         settings = self.host.settings()
-        self.cache.bind(self.host.model_key())
+        key = self.host.model_key()
+        if key != self._model_key:
+            self.pool.clear()
+            self._model_key = key
+        self.cache.bind(key)
         self.cache.budget_bytes = int(settings.cache_budget_mb * 2**20)
         model = self.host.model()
         self.host.settle(model)
-        weights = ScheduledWeights(model, networks, settings, cache=self.cache)
+        weights = ScheduledWeights(model, networks, settings, cache=self.cache, pool=self.pool)
         self._open.append(weights)
         return weights
 
@@ -219,7 +226,8 @@ class Runtime:
         return count
 
     def clear(self) -> None:
-        """Forget cached ΔW and networks (the model changed)."""
+        """Forget cached ΔW, buffers and networks (the model changed)."""
         self.restore_all()
         self.cache.clear()
+        self.pool.clear()
         self.loaded.clear()
