@@ -1,8 +1,13 @@
-"""Seconds per generation on the SD 1.5 UNet: no LoRA, static LoRA, step schedule, ramp, and
-the re-merge-from-CPU-backup reference that older per-step tools use.
+"""Seconds per generation on the SD 1.5 (or SDXL) UNet: no LoRA, static LoRA, step schedule,
+ramp, and the re-merge-from-CPU-backup reference that older per-step tools use.
 
     python bench/engine_bench.py                      # CPU, 256x256, SD 1.5 UNet, random weights
-    python bench/engine_bench.py --device cuda        # 512x512 on a GPU
+    python bench/engine_bench.py --device cuda        # 512x512 on a GPU, fp16
+    python bench/engine_bench.py --device cuda --model sdxl --size 1024 --steps 30
+
+On CUDA each row also gives the peak device memory of its generation and the extra over static
+LoRA (``torch.cuda.max_memory_allocated``); everywhere, the engine's own holdings by role
+(originals kept as copies, merge buffers, ΔW, forward factors).
 
 Every configuration runs once to warm up, then ``--runs`` times interleaved (a, b, c, a, b, c,
 ...) so that drifts in machine speed hit all of them alike; the table shows medians and ratios
@@ -35,6 +40,7 @@ from support.random_networks import write_network  # noqa: E402
 
 from lib_scheduled_lora.core.delta_cache import DeltaCache  # noqa: E402
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights  # noqa: E402
+from lib_scheduled_lora.core.live import BufferPool  # noqa: E402
 from lib_scheduled_lora.core.naming import map_network  # noqa: E402
 from lib_scheduled_lora.core.networks.loader import load_network  # noqa: E402
 from lib_scheduled_lora.core.schedule import Schedule, parse_schedule  # noqa: E402
@@ -50,6 +56,14 @@ SD15_UNET = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
 STEP, RAMP = "0@0.3:1", "0@0,1@1"
 
 
@@ -62,11 +76,11 @@ class Config:
     mode: str = "auto"
 
 
-def build_unet(device: str, dtype: torch.dtype):
+def build_unet(device: str, dtype: torch.dtype, model: str = "sd15"):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).eval()
+    return UNet2DConditionModel(**(SDXL_UNET if model == "sdxl" else SD15_UNET)).to(device=device, dtype=dtype).eval()
 
 
 class Generation:
@@ -77,7 +91,14 @@ class Generation:
         latent = size // 8
         gen = torch.Generator("cpu").manual_seed(1)
         self.x0 = torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype)
-        self.context = torch.randn(batch, 77, 768, generator=gen).to(device, dtype)
+        width = unet.config.cross_attention_dim
+        self.context = torch.randn(batch, 77, width, generator=gen).to(device, dtype)
+        self.added: dict[str, torch.Tensor] | None = None
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size conditioning
+            self.added = {
+                "text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
+                "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch).to(device, dtype),
+            }
         self.timesteps = torch.linspace(999, 0, steps).tolist()
 
     @torch.no_grad()
@@ -85,7 +106,7 @@ class Generation:
         x = self.x0
         for i, t in enumerate(self.timesteps):
             before_step(i)
-            eps = self.unet(x, t, encoder_hidden_states=self.context).sample
+            eps = self.unet(x, t, encoder_hidden_states=self.context, added_cond_kwargs=self.added).sample
             x = x - eps * (1.0 / self.steps)
         return x
 
@@ -155,12 +176,24 @@ def update_bandwidth(unet, network, device: str, cache: DeltaCache, repeats: int
     return statistics.median(rates), moved
 
 
-def _timed(device: str, gen: Generation, before_step: Callable[[int], None] = lambda i: None) -> float:
+def _timed(
+    device: str,
+    gen: Generation,
+    before_step: Callable[[int], None] = lambda i: None,
+    *,
+    peak: dict[str, int] | None = None,
+    label: str = "",
+) -> float:
     _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     gen(before_step)
     _sync(device)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if device == "cuda" and peak is not None:
+        peak[label] = max(peak.get(label, 0), torch.cuda.max_memory_allocated())
+    return elapsed
 
 
 def _sync(device: str) -> None:
@@ -186,28 +219,39 @@ def bench_network(kind: str, unet, gen: Generation, args, device: str, folder: P
         Config(reference_label, kind, "reference", RAMP),
     ]
     cache = DeltaCache(2**40)  # kept between generations, as a WebUI adapter keeps it
+    pool = BufferPool()  # merge buffers reused by the next generation, as the runtime does
+    peak: dict[str, int] = {}
     reference = RemergeFromBackup(unet, network, parse_schedule(RAMP))
     extra_memory = {reference_label: sum(b.numel() * b.element_size() for b in reference.backup)}
+    holdings: dict[str, dict[str, int]] = {}
 
     def run(config: Config) -> float:
         if config.kind == "static":  # merged before timing: the host's steady state
             constant = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=Schedule.constant(1.0))
-            with ScheduledWeights(model, [constant], EngineSettings(mode="merge"), cache=cache) as weights:
+            with ScheduledWeights(model, [constant], EngineSettings(mode="merge"), cache=cache, pool=pool) as weights:
                 weights.set_position("unet", 0, args.steps)
-                return _timed(device, gen)
+                return _timed(device, gen, peak=peak, label=config.label)
         if config.kind == "scheduled":
             scheduled = ScheduledNetwork(network, te=Schedule.constant(1.0), unet=parse_schedule(config.schedule))
-            with ScheduledWeights(model, [scheduled], EngineSettings(mode=config.mode), cache=cache) as weights:
-                elapsed = _timed(device, gen, lambda i: weights.set_position("unet", i, args.steps))
-                merged = weights.layers - weights.bypassed_layers()
-                extra_memory[config.label] = weights.base_bytes() + (cache.bytes if merged else 0)
+            settings = EngineSettings(mode=config.mode, device_budget_mb=args.device_budget_mb)
+            with ScheduledWeights(model, [scheduled], settings, cache=cache, pool=pool) as weights:
+                held: dict = {}
+
+                def step(i: int) -> None:
+                    weights.set_position("unet", i, args.steps)
+                    for key, value in weights.memory().items():
+                        held[key] = max(held.get(key, 0), value)
+
+                elapsed = _timed(device, gen, step, peak=peak, label=config.label)
+                extra_memory[config.label] = sum(held.values())
+                holdings[config.label] = {f"{role} on {dev}": v for (role, dev), v in held.items()}
                 return elapsed
         if config.kind == "reference":
             try:
-                return _timed(device, gen, lambda i: reference.before_step(i, args.steps))
+                return _timed(device, gen, lambda i: reference.before_step(i, args.steps), peak=peak, label=config.label)
             finally:
                 reference.restore()
-        return _timed(device, gen)
+        return _timed(device, gen, peak=peak, label=config.label)
 
     print(f"{kind}: {layers} layers", flush=True)
     for config in configs:  # warm-up: fills the ΔW cache, as the second generation finds it
@@ -226,6 +270,9 @@ def bench_network(kind: str, unet, gen: Generation, args, device: str, folder: P
             "spread_s": max(times[c.label]) - min(times[c.label]),
             "vs_static": statistics.median(times[c.label]) / static,
             "extra_memory_mb": extra_memory.get(c.label, 0) / 2**20,
+            "holdings_mb": {k: v / 2**20 for k, v in holdings.get(c.label, {}).items()},
+            "peak_device_mb": peak[c.label] / 2**20 if c.label in peak else None,
+            "peak_over_static_mb": (peak[c.label] - peak["static"]) / 2**20 if c.label in peak and "static" in peak else None,
         }
         for c in configs
     ]
@@ -238,6 +285,8 @@ def bench_network(kind: str, unet, gen: Generation, args, device: str, folder: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
+    parser.add_argument("--device-budget-mb", type=float, default=0.0, help="the engine's device budget (default 0: lean)")
     parser.add_argument("--size", type=int, help="image size (default: 256 on CPU, 512 on GPU)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
@@ -250,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if device == "cuda" else torch.float32
     size = args.size or (512 if device == "cuda" else 256)
 
-    unet = build_unet(device, dtype)
+    unet = build_unet(device, dtype, args.model)
     gen = Generation(unet, size, args.steps, args.batch, device, dtype)
     folder = Path(tempfile.mkdtemp(prefix="sl-bench-"))
-    print(f"SD 1.5 UNet, {size}x{size}, batch {args.batch}, {args.steps} steps, {device} {dtype}; "
+    print(f"{'SDXL' if args.model == 'sdxl' else 'SD 1.5'} UNet, {size}x{size}, batch {args.batch}, {args.steps} steps, {device} {dtype}; "
           f"{args.runs} interleaved runs per network", flush=True)
     rows, details = [], {}
     for kind in args.networks.split(","):
@@ -272,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(rows: list[dict], details: dict) -> None:
     print()
-    print("| network | configuration | s / generation (median) | spread | vs static LoRA | extra memory |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| network | configuration | s / generation (median) | spread | vs static LoRA | engine holds | peak device (over static) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
+        peak = row.get("peak_device_mb")
+        peak_text = f"{peak:.0f} MB ({row['peak_over_static_mb']:+.0f})" if peak is not None else "-"
         print(f"| {row['network']} ({row['layers']} layers) | {row['config']} | {row['median_s']:.2f} | "
-              f"{row['spread_s']:.2f} | {row['vs_static']:.3f}x | {row['extra_memory_mb']:.0f} MB |")
+              f"{row['spread_s']:.2f} | {row['vs_static']:.3f}x | {row['extra_memory_mb']:.0f} MB | {peak_text} |")
     print()
     for kind, detail in details.items():
         rate, copy_bw = detail["bytes_per_s"], detail["copy_bytes_per_s"]
