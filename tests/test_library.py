@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags, tags_in_prompt
+from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
+from lib_scheduled_lora.core.tags import tags_in_prompt
 from lib_scheduled_lora.errors import MissingNetworkError
 
 

@@ -10,9 +10,9 @@ from lib_scheduled_lora.core.tags import (
     TagMatch,
     find_tags,
     map_tags,
-    parse_prompt,
     parse_tag,
     replace_tag,
+    tags_in_prompt,
 )
 from lib_scheduled_lora.errors import ScheduleSyntaxError
 
@@ -339,11 +339,11 @@ def test_find_tags_uses_the_host_regex():
 
 
 def test_parse_prompt_raises_the_first_error():
-    assert [t.name for t in parse_prompt("<lora:a:1> x <lyco:b:0@0.3:1>")] == ["a", "b"]
+    assert [t.name for _, t in tags_in_prompt("<lora:a:1> x <lyco:b:0@0.3:1>")] == ["a", "b"]
     with pytest.raises(ScheduleSyntaxError) as info:
-        parse_prompt(PROMPT)
+        tags_in_prompt(PROMPT)
     assert info.value.tag == "<lyco:bad:abc>"
-    assert parse_prompt("no tags <hypernet:x:1>") == []
+    assert tags_in_prompt("no tags <hypernet:x:1>") == []
 
 
 def test_replace_tag():

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.core.library import NetworkLibrary, tags_in_prompt
+    from lib_scheduled_lora.core.library import NetworkLibrary
+    from lib_scheduled_lora.core.tags import tags_in_prompt
     from lib_scheduled_lora.hosts.runner import GenerationRequest, generate, load_pipeline
 
     request = GenerationRequest(

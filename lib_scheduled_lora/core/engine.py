@@ -445,10 +445,6 @@ class ScheduledWeights:
             out[("ΔW", str(delta.device))] += nbytes(delta)
         return {key: value for key, value in out.items() if value}
 
-    def base_bytes(self) -> int:
-        """Extra memory for keeping the originals: merge buffers and copies of originals."""
-        return sum(v for (role, _), v in self.memory().items() if role in ("backup", "merge buffer"))
-
     def iter_targets(self) -> Iterator[Target]:
         for layer in self._layers.values():
             for part in layer.parts:

@@ -102,13 +102,3 @@ def strip_network_tags(prompt: str) -> str:
         text = text[: match.start] + text[match.end :]
     return " ".join(text.replace(" ,", ",").split()).strip(" ,")
 
-
-def tags_in_prompt(prompt: str) -> list[tuple[str, NetworkTag]]:
-    """(tag text, parsed tag) for every network tag; raises the first syntax error."""
-    out = []
-    for match in find_tags(prompt):
-        if match.error is not None:
-            raise match.error
-        assert match.tag is not None
-        out.append((match.text, match.tag))
-    return out

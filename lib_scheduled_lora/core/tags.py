@@ -336,16 +336,16 @@ def find_tags(prompt: str) -> list[TagMatch]:
     return matches
 
 
-def parse_prompt(prompt: str) -> list[NetworkTag]:
-    """The tags of ``prompt`` in order; raises the first malformed tag's error, so that a
-    generation never starts with a half-understood schedule."""
-    tags = []
+def tags_in_prompt(prompt: str) -> list[tuple[str, NetworkTag]]:
+    """(tag text, parsed tag) for every tag of ``prompt`` in order; raises the first malformed
+    tag's error, so that a generation never starts with a half-understood schedule."""
+    out = []
     for match in find_tags(prompt):
         if match.error is not None:
             raise match.error
         assert match.tag is not None
-        tags.append(match.tag)
-    return tags
+        out.append((match.text, match.tag))
+    return out
 
 
 def replace_tag(prompt: str, match: TagMatch, new_tag: NetworkTag | str) -> str:

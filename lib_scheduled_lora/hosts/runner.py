@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_scheduled_lora.core.engine import EngineSettings, Mode, ScheduledNetwork
-from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags, tags_in_prompt
+from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
+from lib_scheduled_lora.core.tags import tags_in_prompt
 from lib_scheduled_lora.errors import ModelFormatError
 from lib_scheduled_lora.hosts.ownership import check_arguments
 from lib_scheduled_lora.hosts.samplers import LABELS, make_scheduler
