@@ -294,3 +294,63 @@ def test_diffusers_offload_on_cuda_gives_the_same_image(tmp_path, offload, sched
     if offload == "enable_model_cpu_offload":
         for key, value in pipe.unet.state_dict().items():
             assert torch.equal(value.detach().cpu(), originals[key]), key
+
+
+def _counting_combine(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = live_module.combine
+    monkeypatch.setattr(live_module, "combine", lambda base, terms, out=None: calls.append(1) or original(base, terms, out))
+    return calls
+
+
+def _pass(model, net, pool, steps=6):
+    with ScheduledWeights(model, [net], EngineSettings(mode="merge"), pool=pool) as weights:
+        for i in range(steps):
+            weights.set_position("unet", i, steps)
+        return {t.weight: model.get_parameter(t.weight).data.clone() for t in weights.iter_targets() if t.component == "unet"}
+
+
+@pytest.mark.parametrize("schedule", ["0.7", "0@0.5:1"])
+def test_a_repeated_constant_or_step_schedule_finds_its_merge_ready(tmp_path, monkeypatch, schedule):
+    """In host memory the merge buffers come back with what they hold: the next generation with
+    the same networks and strengths swaps them in without computing anything."""
+    from lib_scheduled_lora.core.live import BufferPool
+
+    model, pool = _model(), BufferPool()
+    before = _snapshot(model)
+    net = ScheduledNetwork(_network(tmp_path), parse_schedule("1"), parse_schedule(schedule))
+    calls = _counting_combine(monkeypatch)
+    first = _pass(model, net, pool)
+    computed = len(calls)
+    assert computed > 0
+    second = _pass(model, net, pool)
+    assert len(calls) == computed  # nothing computed again
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_kept_merge_is_recomputed_when_the_original_or_the_buffer_changed(tmp_path, monkeypatch):
+    """A host that changes a weight in place (A1111's own Lora restoring from its backups) or
+    writes into our buffer while it is live invalidates what the buffer holds."""
+    from lib_scheduled_lora.core.live import BufferPool
+
+    model, pool = _model(), BufferPool()
+    net = ScheduledNetwork(_network(tmp_path), parse_schedule("1"), parse_schedule("0.7"))
+    _pass(model, net, pool)
+    name = "unet.down_blocks.0.attentions.0.proj_in.weight"
+    with torch.no_grad():
+        model.get_parameter(name).data.add_(1.0)  # the host changes the original in place
+    changed_original = model.get_parameter(name).data.clone()
+    calls = _counting_combine(monkeypatch)
+    merged = _pass(model, net, pool)
+    assert len(calls) == 1  # only that weight was merged again
+    module = next(t.module for t in ScheduledWeights(model, [net]).iter_targets() if t.weight == name)
+    assert torch.equal(merged[name], combine(changed_original, [Term(0.7, module)]))
+    with ScheduledWeights(model, [net], EngineSettings(mode="merge"), pool=pool) as weights:
+        weights.set_position("unet", 0, 2)
+        with torch.no_grad():
+            model.get_parameter(name).data.mul_(0)  # the host writes into our live buffer
+    calls.clear()
+    merged = _pass(model, net, pool)
+    assert len(calls) == 1 and torch.equal(merged[name], combine(changed_original, [Term(0.7, module)]))

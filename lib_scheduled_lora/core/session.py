@@ -134,7 +134,6 @@ class Runtime:
     loaded: LoadedNetworks = field(default_factory=LoadedNetworks)
     pool: BufferPool = field(default_factory=BufferPool)  # merge buffers reused by the next pass
     _open: list[ScheduledWeights] = field(default_factory=list)
-    _model_key: object = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
     current: PassSession | None = None
 
@@ -155,10 +154,8 @@ class Runtime:
     def _engine(self, networks: Sequence[ScheduledNetwork]) -> ScheduledWeights:
         settings = self.host.settings()
         key = self.host.model_key()
-        if key != self._model_key:
-            self.pool.clear()
-            self._model_key = key
         self.cache.bind(key)
+        self.pool.bind(key)
         self.cache.budget_bytes = int(settings.cache_budget_mb * 2**20)
         model = self.host.model()
         self.host.settle(model)

@@ -15,9 +15,13 @@ The second implementation of the host interface (:mod:`lib_scheduled_lora.core.s
     with attach(pipe, networks):
         image = pipe(prompt, num_inference_steps=20).images[0]
 
-The ΔW cache belongs to the pipeline and outlives :func:`attach` (pass ``cache=`` to share or
-bound it), so repeated generations with the same network objects rebuild nothing; load networks
-through one :class:`~lib_scheduled_lora.core.library.NetworkLibrary` to keep the objects.
+The ΔW cache and the merge buffers belong to the pipeline and outlive :func:`attach`
+(:func:`pipeline_state`; pass ``cache=`` to share or bound the cache), so repeated generations
+with the same network objects rebuild nothing, and a repeated constant or step schedule finds its
+merged weights ready; load networks through one
+:class:`~lib_scheduled_lora.core.library.NetworkLibrary` to keep the objects. They cost host RAM
+(about one copy of the targeted weights, and the ΔW cache's budget) until the pipeline is gone
+or ``pipeline_state(pipe).clear()``.
 """
 
 from __future__ import annotations
@@ -25,20 +29,34 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from lib_scheduled_lora.core.delta_cache import DeltaCache
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
+from lib_scheduled_lora.core.live import BufferPool
 from lib_scheduled_lora.core.positions import noise_level, scheduler_grid
 from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_CACHE_MB = 2048.0
 
-# One ΔW cache per pipeline object, alive as long as the pipeline is.
-_PIPELINE_CACHES: weakref.WeakKeyDictionary[Any, DeltaCache] = weakref.WeakKeyDictionary()
+@dataclass
+class PipelineState:
+    """What repeated generations on one pipeline share: the ΔW cache and the merge buffers."""
+
+    cache: DeltaCache
+    pool: BufferPool = field(default_factory=BufferPool)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self.pool.clear()
+
+
+# One state per pipeline object, alive as long as the pipeline is.
+_PIPELINES: weakref.WeakKeyDictionary[Any, PipelineState] = weakref.WeakKeyDictionary()
 
 
 class DiffusersHost:
@@ -70,12 +88,12 @@ class DiffusersHost:
         return None
 
 
-def pipeline_cache(pipe: Any, budget_mb: float = DEFAULT_CACHE_MB) -> DeltaCache:
-    """The ΔW cache that :func:`attach` uses for ``pipe`` unless given one."""
-    cache = _PIPELINE_CACHES.get(pipe)
-    if cache is None:
-        cache = _PIPELINE_CACHES[pipe] = DeltaCache(int(budget_mb * 2**20))
-    return cache
+def pipeline_state(pipe: Any, budget_mb: float = DEFAULT_CACHE_MB) -> PipelineState:
+    """The ΔW cache and merge buffers that :func:`attach` uses for ``pipe``."""
+    state = _PIPELINES.get(pipe)
+    if state is None:
+        state = _PIPELINES[pipe] = PipelineState(DeltaCache(int(budget_mb * 2**20)))
+    return state
 
 
 class AttachedSchedules:
@@ -92,9 +110,8 @@ class AttachedSchedules:
         self.networks = list(networks)
         settings = settings or EngineSettings()
         self.host = DiffusersHost(pipe, settings)
-        if cache is None:
-            cache = pipeline_cache(pipe, settings.cache_budget_mb)
-        self.runtime = Runtime(self.host, cache=cache)
+        state = pipeline_state(pipe, settings.cache_budget_mb)
+        self.runtime = Runtime(self.host, cache=cache if cache is not None else state.cache, pool=state.pool)
         self.trace: list[Evaluation] = []  # every UNet evaluation (for tests and plots)
         self.te_multipliers: dict[str, float] = {}  # what the text encoders last encoded with
         self._session: PassSession | None = None
