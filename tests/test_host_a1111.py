@@ -342,11 +342,24 @@ def world(tmp_path):
     return World(tmp_path)
 
 
+@pytest.fixture(params=["host memory", "accelerator"])
+def placement(request, monkeypatch):
+    """Run a test with weights placed as on the CPU (swapped buffers) and as on a GPU (written in
+    place, originals in host RAM): the builtin's lazy re-application must meet both."""
+    if request.param == "accelerator":
+        from lib_scheduled_lora.core import engine as engine_module
+        from lib_scheduled_lora.core import live as live_module
+
+        monkeypatch.setattr(live_module, "HOST_MEMORY", frozenset())
+        monkeypatch.setattr(engine_module, "is_host_memory", live_module.is_host_memory)
+    return request.param
+
+
 def _multipliers(world):
     return [e.multipliers["wday"] for e in world.runtime_trace]
 
 
-def test_step_schedule_follows_the_denoiser_and_restores(world):
+def test_step_schedule_follows_the_denoiser_and_restores(placement, world):
     p = FakeP(world, "a cat <lora:wday:0@0.3:1>", steps=20)
     state = p.process_images()
     ms = [e.multipliers["wday"] for e in state.trace]
@@ -377,7 +390,7 @@ def test_constant_schedule_is_handed_to_the_builtin_as_plain_numbers(world):
     assert (first.items, first.positional, first.named) == (["wday", "0.8", "0.8"], ["wday", "0.8", "0.8"], {})
 
 
-def test_te_schedule_is_applied_at_conditioning_only(world):
+def test_te_schedule_is_applied_at_conditioning_only(placement, world):
     p = FakeP(world, "<lora:wday:te=1:unet=0@0.5:1>", steps=4)
     state = p.process_images()
     ((hires, te_weight),) = p.te_seen
@@ -386,7 +399,7 @@ def test_te_schedule_is_applied_at_conditioning_only(world):
     world.assert_restored()
 
 
-def test_host_network_changed_mid_pass_by_another_extension(world):
+def test_host_network_changed_mid_pass_by_another_extension(placement, world):
     """LoRA Block Weight's ``start=`` changes a builtin network's multiplier in its own
     on_cfg_denoiser; the builtin then rewrites the layer from its backup. Our merged values must
     survive that, and the layer must end with the builtin's new state, not a stale copy."""
@@ -420,7 +433,7 @@ def test_host_network_changed_mid_pass_by_another_extension(world):
     world.assert_restored()  # (the second run ended without builtin networks)
 
 
-def test_pass_ends_with_the_builtin_state_it_changed_to(world):
+def test_pass_ends_with_the_builtin_state_it_changed_to(placement, world):
     host_delta = torch.full_like(world.before[UNET_W], 0.01)
     world.builtin_layers[UNET_W] = (world.before[UNET_W].clone(), host_delta)
     plain = SimpleNamespace(name="plain", te_multiplier=1.0, unet_multiplier=1.0, dyn_dim=None)
@@ -534,7 +547,7 @@ def test_sampler_families(world, sampler, steps, evaluations):
     world.assert_restored()
 
 
-def test_hires_pass_uses_its_own_steps_and_hr_schedule(world):
+def test_hires_pass_uses_its_own_steps_and_hr_schedule(placement, world):
     p = FakeP(world, "<lora:wday:0@0.5:1:hr=0.25>", steps=10, hr=True, hr_steps=10, denoise=0.5)
     state = p.process_images()
     first = [e for e in state.trace if not e.hires]
@@ -547,7 +560,7 @@ def test_hires_pass_uses_its_own_steps_and_hr_schedule(world):
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), InterruptedException()])
-def test_weights_restored_after_exception_or_interrupt_mid_sampling(world, exc):
+def test_weights_restored_after_exception_or_interrupt_mid_sampling(placement, world, exc):
     p = FakeP(world, "<lora:wday:0@0.3:1>", steps=20)
     if isinstance(exc, RuntimeError):
         with pytest.raises(RuntimeError):
