@@ -53,17 +53,10 @@ def nbytes(t: torch.Tensor | None) -> int:
 class BufferPool:
     """Merge buffers handed back by finished engines, reused by the next ones (no fresh
     allocation, and no page faults, per generation). Keyed by shape, dtype and device.
-
-    A merge buffer can come back with what it holds: :meth:`keep` files it under the storage of
-    the original it was computed from, with the merge's signature, and :meth:`reclaim` gives it
-    back to the next engine working on that original, which skips the merge when the signature
-    still matches (the same networks at the same strengths over the same original values: a
-    repeated constant schedule, or the same switch of a step schedule, costs a pointer swap).
     """
 
     max_bytes: int = 2**40
     _free: dict[tuple, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    _kept: dict[tuple, tuple[torch.Tensor, tuple[Signature, int], torch.Tensor]] = field(default_factory=dict)
     _bytes: int = 0
     _model_key: object = None
 
@@ -90,61 +83,13 @@ class BufferPool:
             self._free[_pool_key(buffer)].append(buffer)
             self._bytes += nbytes(buffer)
 
-    def keep(self, original: torch.Tensor, signature: tuple[Signature, int], buffer: torch.Tensor) -> None:
-        """File ``buffer`` (holding the merge of ``signature`` over ``original``) for reclaiming.
-        The entry holds ``original``, so its storage (the key) cannot be reused meanwhile."""
-        key = _storage_key(original)
-        old = self._kept.pop(key, None)
-        if old is not None:
-            self._bytes -= nbytes(old[2])
-        if self._bytes + nbytes(buffer) <= self.max_bytes:
-            self._kept[key] = (original, signature, buffer)
-            self._bytes += nbytes(buffer)
-
-    def reclaim(self, original: torch.Tensor) -> tuple[torch.Tensor, tuple[Signature, int]] | None:
-        """The buffer kept for ``original``'s storage and the signature of what it holds, if any."""
-        entry = self._kept.pop(_storage_key(original), None)
-        if entry is None:
-            return None
-        self._bytes -= nbytes(entry[2])
-        return entry[2], entry[1]
-
     @property
     def bytes(self) -> int:
         return self._bytes
 
     def clear(self) -> None:
         self._free.clear()
-        self._kept.clear()
         self._bytes = 0
-
-
-# What a merge buffer holds: a fingerprint of the original's values, and per term the network
-# module (held, so its identity stays unique) and the multiplier.
-Signature = tuple[int, tuple[tuple[object, float], ...]]
-
-
-def signature(original: torch.Tensor, terms: Sequence[Term]) -> Signature | None:
-    """None when a term's ΔW is not a function of its module alone (given tensors: bias terms)."""
-    if any(term.module is None for term in terms):
-        return None
-    return (fingerprint(original), tuple((term.module, term.multiplier) for term in terms))
-
-
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def fingerprint(t: torch.Tensor) -> int:
-    """The sum of the values' bit patterns as integers: one read pass (a third of a merge's
-    traffic), exact, and changed by any realistic change of the values (a host restoring,
-    re-merging or moving them), which version counters do not see when the host writes through
-    another view of the storage."""
-    flat = t.detach().reshape(-1)
-    return int(flat.view(_INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64))
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape))
 
 
 def _pool_key(t: torch.Tensor) -> tuple:
@@ -169,9 +114,6 @@ class LiveTensor:
         self.backup: torch.Tensor | None = None  # the original values, taken at the first write
         self.own_backup = False  # the backup is a copy of ours (not the model's original tensor)
         self.spare: torch.Tensor | None = None  # SWAP: the buffer holding merged values
-        # What the spare holds: the merge's signature and the spare's own fingerprint right after
-        # the merge (a host writing into our buffer while it was live changes it). None: unknown.
-        self.spare_holds: tuple[Signature, int] | None = None
         self.on_spare = False
         self._left: tuple | None = None  # identity of the tensor we last left in param.data
 
@@ -221,17 +163,9 @@ class LiveTensor:
         if self.moved:
             self._host_moved_it()
         if self.placement is Placement.SWAP:
-            assert self.backup is not None
-            wanted = signature(self.backup, terms)
-            if self.spare is None and self.pool is not None:
-                reclaimed = self.pool.reclaim(self.backup)
-                if reclaimed is not None:
-                    self.spare, self.spare_holds = reclaimed
             if self.spare is None:
                 self.spare = (self.pool or BufferPool()).take(self.param.data)
-            if wanted is None or self.spare_holds is None or self.spare_holds[0] != wanted:
-                combine(self.base(), terms, out=self.spare)
-                self.spare_holds = None if wanted is None else (wanted, fingerprint(self.spare))
+            combine(self.base(), terms, out=self.spare)
             self.param.data = self.spare
             self.on_spare = True
         else:
@@ -256,19 +190,11 @@ class LiveTensor:
         """Restore, and give the buffers back."""
         self.to_base()
         if self.pool is not None:
-            # Kept only when nobody wrote into it meanwhile (through whatever view of it).
-            if (
-                self.spare is not None
-                and self.spare_holds is not None
-                and self.backup is not None
-                and fingerprint(self.spare) == self.spare_holds[1]
-            ):
-                self.pool.keep(self.backup, self.spare_holds, self.spare)
-            elif self.spare is not None:
+            if self.spare is not None:
                 self.pool.give(self.spare)
             if self.backup is not None and self.own_backup:
                 self.pool.give(self.backup)
-        self.backup = self.spare = self.spare_holds = None
+        self.backup = self.spare = None
         self.own_backup = False
         self._left = None
 
@@ -293,7 +219,7 @@ class LiveTensor:
             self.on_spare = False
             if self.spare is not None and self.pool is not None:
                 self.pool.give(self.spare)
-            self.spare = self.spare_holds = None
+            self.spare = None
 
     # -- accounting -------------------------------------------------------------------------------
 

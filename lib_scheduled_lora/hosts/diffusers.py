@@ -17,8 +17,7 @@ The second implementation of the host interface (:mod:`lib_scheduled_lora.core.s
 
 The ΔW cache and the merge buffers belong to the pipeline and outlive :func:`attach`
 (:func:`pipeline_state`; pass ``cache=`` to share or bound the cache), so repeated generations
-with the same network objects rebuild nothing, and a repeated constant or step schedule finds its
-merged weights ready; load networks through one
+with the same network objects rebuild nothing and allocate nothing; load networks through one
 :class:`~lib_scheduled_lora.core.library.NetworkLibrary` to keep the objects. They cost host RAM
 (about one copy of the targeted weights, and the ΔW cache's budget) until the pipeline is gone
 or ``pipeline_state(pipe).clear()``.
