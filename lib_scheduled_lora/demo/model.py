@@ -34,6 +34,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"
 NETWORKS_DIR = PACKAGE_DIR / "networks"
 MAX_LENGTH = 16
+IMAGE_SIZE = world.SIZE  # the only size the model draws (32): width and height
+# The model's weight files per component (diffusers' component names), relative to its folder:
+# what `merge demo` rewrites; a merged copy keeps this layout and loads like the original.
+WEIGHT_FILES = {"unet": ("unet.safetensors",), "text_encoder": ("text_encoder.safetensors",)}
 
 FOLD = 2  # pixel_unshuffle factor between images and the UNet's sample space
 
@@ -215,6 +219,13 @@ def save_demo_model(
             default=list,
         )
     )
+
+
+def is_demo_folder(directory: str | Path) -> bool:
+    """True for the shipped weights folder and merged copies of it (``merge demo ...``)."""
+    directory = Path(directory)
+    names = ["config.json", "tokenizer.json", *(n for files in WEIGHT_FILES.values() for n in files)]
+    return directory.is_dir() and all((directory / name).is_file() for name in names)
 
 
 def load_demo_pipeline(device: str = "cpu", directory: str | Path = WEIGHTS_DIR) -> DemoPipeline:
