@@ -123,18 +123,19 @@ def _cell_lines(m: Any) -> list[str]:
 
 
 def _takeaway(columns: list[Column], hits: list[int], asked_rows: int) -> str:
+    images = f"{asked_rows} image{'s' if asked_rows != 1 else ''}"
     if asked_rows == 0:
         return "No prompt asks for a colour, so no cell is marked (add e.g. --prompt 'a white wday')."
     best = max(range(len(columns)), key=lambda c: hits[c])
     if hits[best] == 0:
         return (
-            f"No setting gave the asked colour with the checker in these {asked_rows} images; "
+            f"No setting gave the asked colour with the checker in these {images}; "
             "try more seeds (--seeds 8)."
         )
     constants = [c for c in range(len(columns)) if columns[c].constant]
     best_constant = max(constants, key=lambda c: hits[c]) if constants else None
     text = (
-        f"Takeaway (these {asked_rows} images): '{columns[best].label}' gives the asked colour with the "
+        f"Takeaway (these {images}): '{columns[best].label}' gives the asked colour with the "
         f"checker in {hits[best]}/{asked_rows}"
     )
     if best_constant is not None and best_constant != best:
@@ -154,31 +155,35 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompts or DEFAULT_PROMPTS)
     columns = _columns(args.schedules)
 
+    from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
+    from lib_scheduled_lora.demo.layout import NETWORKS_DIR
+    from lib_scheduled_lora.hosts.runner import scheduled_networks
+
+    library = NetworkLibrary.scan([NETWORKS_DIR])
+    tags = [f"<lora:{args.network}:{c.schedule}>" if c.schedule is not None else "" for c in columns]
+    column_networks = [scheduled_networks(tag, library) for tag in tags]  # the project's own parsing
+    for prompt in prompts:
+        scheduled_networks(prompt, library)  # a tag in a row prompt is checked too
+
     import torch
 
     from lib_scheduled_lora.commands.progress import show_progress, terminal_progress
     from lib_scheduled_lora.core.engine import EngineSettings
-    from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
     from lib_scheduled_lora.core.staging import staged_file
     from lib_scheduled_lora.demo import metrics
     from lib_scheduled_lora.demo import model as demo
     from lib_scheduled_lora.demo.grid import GridText, labelled_grid
     from lib_scheduled_lora.hosts.diffusers import attach
-    from lib_scheduled_lora.hosts.runner import scheduled_networks
-
-    library = NetworkLibrary.scan([demo.NETWORKS_DIR])
-    tags = [f"<lora:{args.network}:{c.schedule}>" if c.schedule is not None else "" for c in columns]
-    column_networks = [scheduled_networks(tag, library) for tag in tags]  # the project's own parsing
-    for prompt in prompts:
-        scheduled_networks(prompt, library)  # a tag in a row prompt is checked too
-        unknown = sorted({w for w in demo.build_tokenizer().tokenize(strip_network_tags(prompt)) if w not in demo.build_tokenizer().vocab})
-        if unknown:
-            print(f"warning: the demo model does not know {', '.join(map(repr, unknown))} (in {prompt!r})", file=sys.stderr)
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = demo.load_demo_pipeline("cpu")
+    for prompt in prompts:
+        words = pipe.tokenizer.tokenize(strip_network_tags(prompt))
+        unknown = sorted({w for w in words if w not in pipe.tokenizer.vocab})
+        if unknown:
+            print(f"warning: the demo model does not know {', '.join(map(repr, unknown))} (in {prompt!r})", file=sys.stderr)
     rows = [(p, args.seed + i) for p in prompts for i in range(args.seeds)]
     texts = [strip_network_tags(p) for p, _ in rows]
     cells: list[list[Any]] = [[None] * len(columns) for _ in rows]

@@ -47,7 +47,7 @@ def _check_size(args: argparse.Namespace, demo_model: bool) -> None:
         if value is None:
             continue
         if demo_model:
-            from lib_scheduled_lora.demo.model import IMAGE_SIZE
+            from lib_scheduled_lora.demo.layout import IMAGE_SIZE
 
             if value != IMAGE_SIZE:
                 raise OptionError(
@@ -91,15 +91,14 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         mode=args.mode,
     )
-    if demo_model:
-        from lib_scheduled_lora.demo import model as demo
+    from lib_scheduled_lora.demo.layout import NETWORKS_DIR
 
-        default_dirs = [str(demo.NETWORKS_DIR)] if args.model is None else []
-    else:
-        default_dirs = []
+    default_dirs = [str(NETWORKS_DIR)] if args.model is None else []
     library = NetworkLibrary.scan(list(args.lora_dir) or default_dirs)
     scheduled_networks(request.prompt, library)  # every tag and network file, before the model loads
     if demo_model:
+        from lib_scheduled_lora.demo import model as demo  # imports diffusers: after the cheap checks
+
         if args.model is None:
             pipe, label = demo.load_demo_pipeline(), "built-in demo model"
         else:
@@ -119,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_demo_folder(model: str) -> bool:
-    from lib_scheduled_lora.demo.model import is_demo_folder
+    from lib_scheduled_lora.demo.layout import is_demo_folder
 
     return is_demo_folder(model)

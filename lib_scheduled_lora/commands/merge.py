@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo_network(spec: tuple[str, float]) -> tuple[str, float]:
     """A shipped demo network named without a path (``wday_locon``) -> its file; anything else as is."""
     from lib_scheduled_lora.core.library import NetworkLibrary
-    from lib_scheduled_lora.demo import model as demo
+    from lib_scheduled_lora.demo import layout as demo
 
     name, weight = spec
     if Path(name).exists() or Path(name).name != name:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     components = None
     model = args.model
     if model == DEMO:
-        from lib_scheduled_lora.demo import model as demo
+        from lib_scheduled_lora.demo import layout as demo
 
         model, components = str(demo.WEIGHTS_DIR), {c: list(f) for c, f in demo.WEIGHT_FILES.items()}
     specs = [parse_lora_spec(spec) for spec in args.loras]

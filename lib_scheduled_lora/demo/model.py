@@ -28,16 +28,19 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lib_scheduled_lora.demo import world
+from lib_scheduled_lora.demo.layout import (  # noqa: F401 - where the model lives, re-exported
+    IMAGE_SIZE,
+    NETWORKS_DIR,
+    PACKAGE_DIR,
+    WEIGHT_FILES,
+    WEIGHTS_DIR,
+    is_demo_folder,
+    network_path,
+)
 from lib_scheduled_lora.demo.tokenizer import DemoTokenizer
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-WEIGHTS_DIR = PACKAGE_DIR / "weights"
-NETWORKS_DIR = PACKAGE_DIR / "networks"
 MAX_LENGTH = 16
-IMAGE_SIZE = world.SIZE  # the only size the model draws (32): width and height
-# The model's weight files per component (diffusers' component names), relative to its folder:
-# what `merge demo` rewrites; a merged copy keeps this layout and loads like the original.
-WEIGHT_FILES = {"unet": ("unet.safetensors",), "text_encoder": ("text_encoder.safetensors",)}
+assert IMAGE_SIZE == world.SIZE
 
 FOLD = 2  # pixel_unshuffle factor between images and the UNet's sample space
 
@@ -221,13 +224,6 @@ def save_demo_model(
     )
 
 
-def is_demo_folder(directory: str | Path) -> bool:
-    """True for the shipped weights folder and merged copies of it (``merge demo ...``)."""
-    directory = Path(directory)
-    names = ["config.json", "tokenizer.json", *(n for files in WEIGHT_FILES.values() for n in files)]
-    return directory.is_dir() and all((directory / name).is_file() for name in names)
-
-
 def load_demo_pipeline(device: str = "cpu", directory: str | Path = WEIGHTS_DIR) -> DemoPipeline:
     """The shipped demo model (offline, ~a few MB), as a :class:`DemoPipeline` in float32."""
     from safetensors.torch import load_file
@@ -285,8 +281,3 @@ def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         what = f"{len(missing)} missing key(s) (first: {missing[0]})" if missing else ""
         what += ("; " if what else "") + (f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "")
         raise ModelFormatError(str(source), f"does not match the demo model: {what}")
-
-
-def network_path(name: str) -> Path:
-    """Shipped concept network file by tag name (``wday`` = the LoRA, ``wday_locon``, ``wday_loha``)."""
-    return NETWORKS_DIR / f"{name}.safetensors"
