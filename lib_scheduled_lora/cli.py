@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
         except OSError as exc:  # the file system refused something no check foresaw
-            where = f"{path_text(exc.filename)}: " if exc.filename else ""
+            named = isinstance(exc.filename, (str, os.PathLike)) and os.fspath(exc.filename)
+            where = f"{path_text(exc.filename)}: " if named else ""
             report(f"{where}{exc.strerror or exc}")
             return EXIT_BAD_INPUT
 

@@ -51,7 +51,7 @@ class Column:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo.png", help="PNG to write (default: demo.png)")
+    parser.add_argument("--out", type=options.path, default="demo.png", help="PNG to write (default: demo.png)")
     parser.add_argument(
         "--network",
         default="wday_locon",

@@ -20,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument(
         "--model",
+        type=options.path,
         help="diffusers folder, single-file .safetensors, or a folder written by `merge demo` "
         "(default: the built-in demo model)",
     )
-    parser.add_argument("--config", help="diffusers folder whose configs describe a single-file --model (offline)")
-    parser.add_argument("--lora-dir", action="append", default=[], help="folder of network files (repeatable)")
+    parser.add_argument("--config", type=options.path, help="diffusers folder whose configs describe a single-file --model (offline)")
+    parser.add_argument("--lora-dir", action="append", type=options.path, default=[], help="folder of network files (repeatable)")
     parser.add_argument("--steps", type=options.steps, default=20, help=f"sampling steps, 1-{options.MAX_STEPS} (default 20)")
     parser.add_argument(
         "--cfg", type=options.cfg, default=None, help=f"guidance scale, 0-{options.MAX_CFG:g} (default: the model's)"
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--height", type=options.image_side, help="image height (default: the model's)")
     parser.add_argument("--mode", choices=("auto", "merge", "bypass"), default="auto", help="engine mode")
-    parser.add_argument("-o", "--output", default="outputs/scheduled-lora.png", help="PNG to write")
+    parser.add_argument("-o", "--output", type=options.path, default="outputs/scheduled-lora.png", help="PNG to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (shown only on a terminal anyway)")
 
 

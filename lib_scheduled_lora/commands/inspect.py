@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lib_scheduled_lora.commands import options
 from lib_scheduled_lora.errors import path_text
 
 MAX_UNRECOGNISED_SHOWN = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a LoRA / LyCORIS / diffusers-PEFT .safetensors file")
+    parser.add_argument("file", type=options.path, help="a LoRA / LyCORIS / diffusers-PEFT .safetensors file")
     parser.add_argument("--modules", action="store_true", help="also list every module (one line each)")
 
 

@@ -17,12 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from lib_scheduled_lora.commands import options
+
 DEMO = "demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
+        type=options.path,
         metavar="MODEL",
         help=f"diffusers model folder, single-file .safetensors checkpoint, or '{DEMO}' (the built-in "
         f"demo model; ./{DEMO} for a folder of that name)",
@@ -30,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora",
         action="append",
+        type=options.path,
         dest="loras",
         required=True,
         metavar="FILE[:W]",
@@ -37,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "network's name works too (wday, wday_locon, wday_loha)",
     )
     parser.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="where to write the merged model"
+        "-o", "--output", type=options.path, required=True, metavar="OUT", help="where to write the merged model"
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument(

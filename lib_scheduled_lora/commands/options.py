@@ -79,6 +79,13 @@ def image_side(text: str) -> int:
     return value
 
 
+def path(text: str) -> str:
+    """A file or folder name: not empty (``''`` would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 steps = integer(1, MAX_STEPS)
 seed = integer(0, MAX_SEED)
 cfg = number(0.0, MAX_CFG)
