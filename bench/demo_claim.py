@@ -39,8 +39,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# "both": the requested colour AND a visible checker; 0.2 is ten times the base model's level
-BOTH_THRESHOLD = 0.2
 NETWORKS = (("LoRA", "wday"), ("LoCon", "wday_locon"), ("LoHa", "wday_loha"))
 COLOURS = ("white", "red")
 
@@ -102,7 +100,7 @@ def measure(args) -> list[dict]:
                 m["hit"].append(float(metrics.colour_hit(image, colour)))
                 m["wday"].append(metrics.concept_fidelity(image))
             arrays = {k: np.array(v) for k, v in m.items()}
-            arrays["both"] = ((arrays["hit"] > 0.5) & (arrays["wday"] >= BOTH_THRESHOLD)).astype(float)
+            arrays["both"] = ((arrays["hit"] > 0.5) & (arrays["wday"] >= metrics.CHECKER_SEEN)).astype(float)
             row = {
                 "network": net_label,
                 "family": family,

@@ -12,6 +12,7 @@ import os
 
 MAX_TAG = 160  # characters of a tag shown in a message (around the column at fault)
 MAX_TEXT = 60  # characters of an offending part, of a file name's folder part
+MAX_LINE = 300  # characters of a whole error line (the command line's last resort, see one_line)
 ELLIPSIS = "…"
 
 
@@ -39,6 +40,13 @@ def path_text(path: str | os.PathLike[str]) -> str:
         return text
     folder, name = os.path.split(text)
     return elide(folder, MAX_TEXT) + os.sep + elide(name, MAX_TEXT)
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` as one line of at most ``limit`` characters (line breaks become spaces; the middle
+    of an overlong text is elided). Messages are built short; this only guards the last step."""
+    flat = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return elide(flat, limit)
 
 
 class ScheduledLoraError(Exception):
@@ -79,3 +87,21 @@ class MissingNetworkError(ScheduledLoraError):
 
 class NotSafetensorsError(ScheduledLoraError):
     """A scheduled tag names a network stored in a pickle format (.pt/.ckpt): never unpickled."""
+
+
+class OutputPathError(ScheduledLoraError):
+    """An output (image, merged model) that cannot be written where it was asked for: checked
+    before the work starts, and again when writing (a full disk)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{path_text(path)}: {problem}")
+
+
+class OptionError(ScheduledLoraError):
+    """A command-line option whose value cannot be used (a size the model cannot draw, a range
+    that overflows); the parser itself reports malformed values."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option}: {problem}")

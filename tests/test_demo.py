@@ -161,3 +161,74 @@ def test_a_missing_weight_is_an_error_not_a_random_layer(tmp_path, file):
     save_file(state, copy / file)
     with pytest.raises(ModelFormatError, match=rf"{file}: does not match the demo model: 1 missing key"):
         demo.load_demo_pipeline("cpu", copy)
+
+
+# -- the grid's words ------------------------------------------------------------------------------
+
+
+def test_cell_metrics_say_what_can_be_measured():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    wday = world.sample_scene(rng, concept=True)
+    red_wday = replace(wday, colour="red", background="yellow")
+    m = metrics.describe(world.render(red_wday), "red")
+    assert m.subject_found and m.colour == "red" and m.colour_hit
+    assert m.checker is not None and m.checker > 0.5 and m.both  # the checker, on the asked colour
+    assert not metrics.describe(world.render(red_wday), "white").colour_hit
+    # a subject of the background's colour: nothing to measure, said so rather than 0.00
+    hidden = replace(wday, colour="white", background="white", texture="plain")
+    m = metrics.describe(world.render(hidden), "white")
+    assert not m.subject_found and m.checker is None and not m.both
+    assert metrics.concept_fidelity(world.render(hidden)) == 0.0  # the bench's number is unchanged
+
+
+def test_takeaway_is_computed_from_the_cells():
+    from lib_scheduled_lora.commands.demo import Column, _takeaway
+
+    columns = [Column("base model", None, True), Column("constant 2", "2", True), Column("step", "0@0.3:2", False)]
+    text = _takeaway(columns, [0, 1, 3], 8)
+    assert "'step' gives the asked colour with the checker in 3/8" in text
+    assert "the best constant strength ('constant 2') in 1/8" in text
+    assert "No setting" in _takeaway(columns, [0, 0, 0], 8)
+    assert "constant 2' gives" in _takeaway(columns, [0, 2, 1], 8) and "best constant" not in _takeaway(columns, [0, 2, 1], 8)
+    assert "No prompt asks for a colour" in _takeaway(columns, [0, 0, 0], 0)
+
+
+def test_demo_grid_labels_wrap_long_tags_inside_their_column():
+    from PIL import Image, ImageDraw
+
+    from lib_scheduled_lora.demo.grid import _wrap, font
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    face = font(12)
+    lines = _wrap(draw, "step at 0.3 to 3 <lora:wday_locon:0@0.3:3>", 128, face)
+    assert all(draw.textlength(line, font=face) <= 128 for line in lines)
+    assert "".join(lines).replace(" ", "") == "stepat0.3to3<lora:wday_locon:0@0.3:3>"
+
+
+def test_the_demo_pipeline_draws_its_progress_bar_when_asked(pipe):
+    import io
+
+    stream = io.StringIO()
+    pipe.set_progress_bar_config(disable=False, file=stream)
+    try:
+        pipe(["a wday"], num_inference_steps=3, generator=[torch.Generator().manual_seed(0)])
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    assert "3/3" in stream.getvalue()
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    from lib_scheduled_lora.commands.progress import show_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert not show_progress()  # captured or piped: no carriage-return lines in the way
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert show_progress() and not show_progress(quiet=True)

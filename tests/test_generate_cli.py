@@ -91,3 +91,24 @@ def test_generate_defaults_to_the_built_in_demo_model(tmp_path, capsys):
     assert "model: built-in demo model" in printed
     assert "wday_locon: unet multipliers per evaluation [0, 0, 2, 2]" in printed  # 2/3 >= 0.5
     assert "Model: built-in demo model" in Image.open(out).info["parameters"]
+
+
+def test_a_merged_demo_model_draws_what_the_live_network_draws(tmp_path, capsys):
+    """`merge demo` writes a folder `generate --model` takes; baked at 2, the network gives the image
+    the scheduled engine gives at constant 2, up to the merged fp16 weights' rounding."""
+    import numpy as np
+
+    merged = tmp_path / "demo-wday"
+    assert main(["merge", "demo", "--lora", "wday_locon:2", "-o", str(merged), "--quiet"]) == 0
+    assert "wday_locon at 2: 125 layer(s) merged, 0 unmatched" in capsys.readouterr().out
+    common = ["--steps", "6", "--sampler", "ddim", "--seed", "3"]
+    assert main(["generate", "a white wday", "--model", str(merged), "-o", str(tmp_path / "baked.png"), *common]) == 0
+    assert "model: demo-wday" in capsys.readouterr().out
+    assert main(["generate", "a white wday <lora:wday_locon:2>", "-o", str(tmp_path / "live.png"), *common]) == 0
+    baked = np.asarray(Image.open(tmp_path / "baked.png"), dtype=np.int16)
+    live = np.asarray(Image.open(tmp_path / "live.png"), dtype=np.int16)
+    base_png = tmp_path / "base.png"
+    assert main(["generate", "a white wday", "-o", str(base_png), *common]) == 0
+    base = np.asarray(Image.open(base_png), dtype=np.int16)
+    assert np.abs(baked - live).max() <= 3 and np.abs(baked - live).mean() < 0.5
+    assert np.abs(base - live).mean() > 10  # the network does change the image

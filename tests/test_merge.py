@@ -22,7 +22,7 @@ from support.tiny_models import clip_tokenizer_dir, tiny_vae
 from lib_scheduled_lora.commands import merge as merge_command
 from lib_scheduled_lora.core.merge import merge_model, merge_networks, parse_lora_spec
 from lib_scheduled_lora.core.networks.loader import load_network
-from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, ScheduledLoraError
+from lib_scheduled_lora.errors import NetworkFileError, OutputPathError, ScheduledLoraError
 
 W = 0.7
 ATOL = 2e-5
@@ -318,7 +318,7 @@ def test_existing_output_needs_force(sd1, tmp_path):
         (root / "diffusers", tmp_path / "d"),
     ):
         out.write_bytes(b"keep me") if out.suffix else (out.mkdir(), (out / "f").write_bytes(b"keep me"))
-        with pytest.raises(ModelFormatError, match="already exists.*--force"):
+        with pytest.raises(OutputPathError, match="already exists.*--force"):
             merge_model(model, network, out)
         assert (out.read_bytes() if out.is_file() else (out / "f").read_bytes()) == b"keep me"
         merge_model(model, network, out, force=True)
@@ -347,12 +347,12 @@ def test_failed_single_file_write_leaves_nothing_behind(sd1, tmp_path, monkeypat
     root, network, _ = sd1
     monkeypatch.setattr("safetensors.torch.save_file", _failing_save(1, exc))
     out = tmp_path / "merged.safetensors"
-    with pytest.raises((ModelFormatError, KeyboardInterrupt)):
+    with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "model.safetensors", [(network, W)], out)
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"old")  # an existing output survives a failed --force
     monkeypatch.setattr("safetensors.torch.save_file", _failing_save(1, exc))
-    with pytest.raises((ModelFormatError, KeyboardInterrupt)):
+    with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "model.safetensors", [(network, W)], out, force=True)
     assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == b"old"
 
@@ -362,13 +362,13 @@ def test_failed_folder_write_leaves_nothing_behind(sd1, tmp_path, monkeypatch, e
     root, network, _ = sd1
     out = tmp_path / "out"
     monkeypatch.setattr("safetensors.torch.save_file", _failing_save(2, exc))  # the second weight file
-    with pytest.raises((ModelFormatError, KeyboardInterrupt)):
+    with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "diffusers", [(network, W)], out)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "old").write_text("old")
     monkeypatch.setattr("safetensors.torch.save_file", _failing_save(2, exc))
-    with pytest.raises((ModelFormatError, KeyboardInterrupt)):
+    with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "diffusers", [(network, W)], out, force=True)
     assert list(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["old"]
 
@@ -410,6 +410,8 @@ def test_command_errors_are_one_line_naming_the_file(sd1, tmp_path, capsys):
     root, network, _ = sd1
     not_model = tmp_path / "not_model.safetensors"
     save_file({"foo": torch.zeros(2)}, not_model)
+    plain_folder = tmp_path / "plain"
+    plain_folder.mkdir()
     xl_lora = tmp_path / "xl.safetensors"
     save_file(
         kohya_lora_state(tiny_sd("sdxl"), select=lambda k: "input_blocks_4_1_transformer_blocks_1" in k),
@@ -422,7 +424,7 @@ def test_command_errors_are_one_line_naming_the_file(sd1, tmp_path, capsys):
             "not_model.safetensors",
             "not a Stable Diffusion checkpoint",
         ),
-        ([str(tmp_path), "--lora", network.path], str(tmp_path), "no model_index.json"),
+        ([str(plain_folder), "--lora", network.path], str(plain_folder), "no model_index.json"),
         (
             [str(root / "model.safetensors"), "--lora", str(tmp_path / "nope.safetensors")],
             "nope.safetensors",

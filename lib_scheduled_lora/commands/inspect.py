@@ -7,12 +7,16 @@ prints it as one ``error: FILE: problem`` line and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from lib_scheduled_lora.commands import options
+from lib_scheduled_lora.errors import path_text
 
 MAX_UNRECOGNISED_SHOWN = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a LoRA / LyCORIS / diffusers-PEFT .safetensors file")
+    parser.add_argument("file", type=options.path, help="a LoRA / LyCORIS / diffusers-PEFT .safetensors file")
     parser.add_argument("--modules", action="store_true", help="also list every module (one line each)")
 
 
@@ -95,6 +99,15 @@ def format_report(network, show_modules: bool = False) -> str:
             ))
         lines += ["", *_table(rows)]
 
+    if network.non_finite_keys:
+        keys = network.non_finite_keys
+        lines += ["", f"NaN or infinite values in {len(keys)} tensor(s) (merge and generate refuse this file):"]
+        lines += [f"  {key}" for key in keys[:MAX_UNRECOGNISED_SHOWN]]
+        if len(keys) > MAX_UNRECOGNISED_SHOWN:
+            lines.append(f"  ... and {len(keys) - MAX_UNRECOGNISED_SHOWN} more")
+    else:
+        lines += ["", "values: all finite"]
+
     unrecognised = network.unrecognised_keys
     if unrecognised:
         lines += ["", f"unrecognised keys ({len(unrecognised)}, not applied):"]
@@ -109,6 +122,12 @@ def format_report(network, show_modules: bool = False) -> str:
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.core.networks.loader import load_network
 
-    network = load_network(args.file)
+    network = load_network(args.file, allow_non_finite=True)  # described, and flagged below
     print(format_report(network, show_modules=args.modules))
+    if network.non_finite_keys:
+        print(
+            f"warning: {path_text(network.path)}: {len(network.non_finite_keys)} tensor(s) hold NaN or "
+            f"infinite values (first: {network.non_finite_keys[0]}); merge and generate refuse this file",
+            file=sys.stderr,
+        )
     return 0

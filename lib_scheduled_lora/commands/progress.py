@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
+
+
+def show_progress(quiet: bool = False) -> bool:
+    """Progress bars go to stderr, and only when it is a terminal: piped or captured output (a
+    script, the tests) stays free of carriage-return lines."""
+    return not quiet and sys.stderr.isatty()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from lib_scheduled_lora.commands import options
 from lib_scheduled_lora.core.schedule import Schedule, format_number, parse_schedule
 from lib_scheduled_lora.core.tags import parse_tag
 
@@ -39,8 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a tag such as '<lora:wday:0@0.3:1>' or a bare schedule such as '0@0.3:1' "
         "(te and unet); put '--' before a schedule that starts with '-'",
     )
-    parser.add_argument("--steps", type=_at_least_one, default=20, help="sampling steps of the first pass (default 20)")
-    parser.add_argument("--hr-steps", type=_at_least_one, default=None, help="also show a hires pass with this many steps")
+    parser.add_argument(
+        "--steps", type=options.steps, default=20, help=f"sampling steps of the first pass, 1-{options.MAX_STEPS} (default 20)"
+    )
+    parser.add_argument(
+        "--hr-steps", type=options.steps, default=None, help="also show a hires pass with this many steps"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -107,13 +112,3 @@ def _unit(schedule: Schedule) -> str:
 def _short(value: float) -> str:
     """Four decimals at most, without trailing zeros (the JSON output has full precision)."""
     return format_number(round(value, 4))
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

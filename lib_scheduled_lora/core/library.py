@@ -17,7 +17,7 @@ from pathlib import Path
 from lib_scheduled_lora.core.networks.base import Network
 from lib_scheduled_lora.core.networks.loader import load_network
 from lib_scheduled_lora.core.tags import NetworkTag, find_tags
-from lib_scheduled_lora.errors import MissingNetworkError
+from lib_scheduled_lora.errors import MAX_TEXT, MissingNetworkError, elide, excerpt
 
 NETWORK_SUFFIXES = (".safetensors",)
 
@@ -84,9 +84,9 @@ class NetworkLibrary:
     def find(self, name: str, tag_text: str | None = None) -> Path:
         path = self.files.get(name)
         if path is None:
-            where = tag_text or f"<lora:{name}>"
-            known = ", ".join(sorted(self.files)[:8]) or "none"
-            raise MissingNetworkError(f"{where}: no network named {name!r} (known: {known})")
+            where = excerpt(tag_text or f"<lora:{name}>", 7)  # long tags and names elided
+            known = elide(", ".join(sorted(self.files)[:8]) or "none", MAX_TEXT)
+            raise MissingNetworkError(f"{where}: no network named {elide(name)!r} (known: {known})")
         return path
 
 

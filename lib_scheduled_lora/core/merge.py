@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ from pathlib import Path
 import torch
 
 from lib_scheduled_lora.core.combine import Term, combine
-from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, model_index
+from lib_scheduled_lora.core.naming import ModelIndex, NetworkMapping, map_network, misfit, model_index
 from lib_scheduled_lora.core.networks.base import Network, NetworkModule
 from lib_scheduled_lora.core.numbers import NumberSyntaxError, looks_like_a_number, read_number
-from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError
+from lib_scheduled_lora.core.staging import EXISTS, check_output, remove_stale, staged_folder
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, OutputPathError, path_text
 
 # progress(label, done, total): called after each weight; the caller's bar (terminal, WebUI).
 Progress = Callable[[str, int, int], None]
@@ -145,19 +145,9 @@ def plan_merge(
 
 
 def _check_mapping(network: Network, mapping: NetworkMapping, strict: bool) -> None:
-    if mapping.layout == "unknown":
-        raise NetworkFileError(network.path, "the model has no UNet or text encoder weights to merge into")
-    if mapping.incompatible:
-        raise NetworkFileError(
-            network.path, f"does not fit this {mapping.family} model: {mapping.incompatible}"
-        )
-    if network.modules and not mapping.targets:
-        key, reason = mapping.unmatched_reasons[0]
-        raise NetworkFileError(
-            network.path,
-            f"none of its {len(network.modules)} layers matches this {mapping.family} model "
-            f"(first: {key}: {reason}); is it for another base model?",
-        )
+    problem = misfit(mapping, len(network.modules))
+    if problem is not None:
+        raise NetworkFileError(network.path, problem)
     if strict and mapping.unmatched:
         key, reason = mapping.unmatched_reasons[0]
         raise NetworkFileError(
@@ -264,20 +254,43 @@ def merge_model(
     force: bool = False,
     strict: bool = False,
     progress: Progress | None = None,
+    components: Mapping[str, Sequence[str]] | None = None,
 ) -> MergeResult:
     """Merge into a diffusers folder or a single-file checkpoint, writing ``output`` in the same layout.
 
-    ``output`` appears complete or not at all; an existing one is replaced only with ``force``.
-    Raises ModelFormatError (model/output problems) or NetworkFileError (network problems).
+    ``components``: for a model folder that is not a diffusers one (the built-in demo model), its
+    weight files per component (``{"unet": ["unet.safetensors"], ...}``, relative to the folder);
+    by default a folder's ``model_index.json`` says.
+
+    ``output`` appears complete or not at all (see :mod:`lib_scheduled_lora.core.staging`: what an
+    interrupted merge leaves and how the next run removes it); an existing one is replaced only
+    with ``force``. Raises ModelFormatError (model problems), OutputPathError (where the output
+    cannot go, checked before the model is read) or NetworkFileError (network problems).
     """
     model, output = Path(model), Path(output)
     if not model.exists():
         raise ModelFormatError(model, "not found")
-    if output.exists() and not force:
-        raise ModelFormatError(output, "already exists; refusing to overwrite it (use --force to replace it)")
+    check_merge_output(model, output, force=force)
+    remove_stale(output.parent)  # a killed run's staging copy may be as large as the model
     if model.is_dir():
-        return _merge_folder(model, networks, output, force=force, strict=strict, progress=progress)
+        return _merge_folder(model, networks, output, force=force, strict=strict, progress=progress, components=components)
     return _merge_file(model, networks, output, force=force, strict=strict, progress=progress)
+
+
+def check_merge_output(model: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> None:
+    """Where a merge of ``model`` may not write ``output``: raised before anything is read."""
+    model, output = Path(model), Path(output)
+    check_output(output, OutputPathError, folder_output=model.is_dir())
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise OutputPathError(output, EXISTS)
+        if output.resolve() == model.resolve():
+            raise OutputPathError(output, "is the model itself; write the merge somewhere else")
+        if output.is_dir() != model.is_dir():
+            kind = "a folder" if output.is_dir() else "a file"
+            raise OutputPathError(output, f"is {kind}; --force only replaces a merge output of the same kind")
+    if model.is_dir() and output.resolve().is_relative_to(model.resolve()):
+        raise OutputPathError(output, f"is inside the model folder {path_text(model)}; choose another place")
 
 
 def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -303,7 +316,7 @@ def _merge_file(model, networks, output, *, force, strict, progress) -> MergeRes
     plan = plan_merge(index, networks, strict=strict)
     changed = apply_plan(plan, state, progress=progress, label=model.name)
     merged = {**state, **changed}
-    write_safetensors_atomic(merged, output, metadata, force=force, error=ModelFormatError)
+    write_safetensors_atomic(merged, output, metadata, force=force, error=OutputPathError)
     report = MergeReport(changed, plan.networks, plan.family, plan.layout)
     return MergeResult(str(output), report, [output.name])
 
@@ -317,14 +330,13 @@ class _WeightFile:
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a safetensors file without reading its data."""
-    from safetensors import safe_open
+    from lib_scheduled_lora.core.networks.files import read_safetensors_header
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - any library failure means the file is unusable
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFormatError(path, f"cannot read safetensors header: {message}") from None
+        header = read_safetensors_header(path)
+    except NetworkFileError as exc:
+        raise ModelFormatError(path, exc.problem) from None
+    return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
 
 
 def _variant(path: Path) -> str:
@@ -333,7 +345,13 @@ def _variant(path: Path) -> str:
     return stem.partition(".")[2]
 
 
-def _weight_files(model: Path) -> list[_WeightFile]:
+def _weight_files(model: Path, components: Mapping[str, Sequence[str]] | None = None) -> list[_WeightFile]:
+    if components is not None:
+        listed = [(c, model / name) for c, names in components.items() for name in names]
+        for _, path in listed:
+            if not path.is_file():
+                raise ModelFormatError(path, "missing from the model folder")
+        return [_WeightFile(c, path, _header_shapes(path)) for c, path in listed]
     index_file = model / "model_index.json"
     if not index_file.is_file():
         raise ModelFormatError(model, "not a diffusers model folder (no model_index.json)")
@@ -374,22 +392,16 @@ def _model_shapes(files: list[_WeightFile]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _merge_folder(model, networks, output, *, force, strict, progress) -> MergeResult:
+def _merge_folder(model, networks, output, *, force, strict, progress, components=None) -> MergeResult:
     from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
 
-    files = _weight_files(model)
-    if output.resolve().is_relative_to(model.resolve()) and output.resolve() != model.resolve():
-        raise ModelFormatError(output, f"is inside the model folder {model}; choose another place")
+    files = _weight_files(model, components)
     plan = plan_merge(_model_shapes(files), networks, strict=strict)
     rewritten = {f.path: f for f in files if plan.touches(f"{f.component}.{k}" for k in f.shapes)}
 
     changed_all: dict[str, torch.Tensor] = {}
     written: list[str] = []
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise ModelFormatError(output, f"folder {str(parent)!r} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-    try:
+    with staged_folder(output, OutputPathError, replace=force) as staging:
         for source in sorted(model.rglob("*")):
             relative = source.relative_to(model)
             destination = staging / relative
@@ -399,53 +411,20 @@ def _merge_folder(model, networks, output, *, force, strict, progress) -> MergeR
             destination.parent.mkdir(parents=True, exist_ok=True)
             weight_file = rewritten.get(source)
             if weight_file is None:
-                shutil.copy2(source, destination)  # byte-identical; follows hub-cache symlinks
+                if source.is_file():  # a FIFO or socket in a model folder is nothing to copy
+                    shutil.copy2(source, destination)  # byte-identical; follows hub-cache symlinks
                 continue
             state, metadata = _read_model_file(source)
             prefix = weight_file.component + "."
             prefixed = {prefix + k: v for k, v in state.items()}
             changed = apply_plan(plan, prefixed, progress=progress, label=str(relative))
             merged = {**state, **{k[len(prefix) :]: v for k, v in changed.items()}}
-            write_safetensors_atomic(merged, destination, metadata, force=True, error=ModelFormatError)
+            write_safetensors_atomic(merged, destination, metadata, force=True, error=OutputPathError)
             changed_all.update(changed)
             written.append(str(relative))
             del state, prefixed, merged
-        _swap_into_place(staging, output, force=force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report = MergeReport(changed_all, plan.networks, plan.family, plan.layout)
     return MergeResult(str(output), report, written)
-
-
-def _swap_into_place(staging: Path, output: Path, *, force: bool) -> None:
-    """Rename the finished staging folder to ``output``; an old ``output`` is kept until then."""
-    if not output.exists() and not output.is_symlink():
-        try:
-            os.rename(staging, output)
-        except OSError as exc:
-            raise ModelFormatError(output, f"cannot write: {exc.strerror or exc}") from None
-        return
-    if not force:
-        raise ModelFormatError(output, "already exists; refusing to overwrite it (use --force to replace it)")
-    # A folder cannot atomically replace another: move the old one aside, rename, then delete it.
-    aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    aside.rmdir()
-    try:
-        os.rename(output, aside)
-    except OSError as exc:
-        raise ModelFormatError(output, f"cannot replace: {exc.strerror or exc}") from None
-    try:
-        os.rename(staging, output)
-    except BaseException as exc:
-        os.rename(aside, output)  # put the old one back
-        if isinstance(exc, OSError):
-            raise ModelFormatError(output, f"cannot write: {exc.strerror or exc}") from None
-        raise
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)
 
 
 def load_networks(specs: Sequence[tuple[str, float]]) -> list[tuple[Network, float]]:

@@ -474,6 +474,33 @@ def map_network(
     return NetworkMapping(targets, [k for k, _ in reasons], index.family, index.layout, reasons, incompatible)
 
 
+def misfit(mapping: NetworkMapping, module_count: int) -> str | None:
+    """Why a network cannot be applied to the model at all, or None.
+
+    The merge command and the diffusers runner refuse such a network (a file for another base
+    model, layers of the wrong width, nothing matching), naming how many layers do not fit and
+    the first one; a network of which only some layers match is applied with a warning.
+    """
+    if mapping.layout == "unknown":
+        return "the model has no UNet or text encoder weights"
+    family = LABELS.get(mapping.family, mapping.family)
+    if mapping.incompatible:
+        if mapping.incompatible.startswith(f"{len(mapping.unmatched)} "):  # wrong sizes: counted already
+            return f"does not fit this {family} model: {mapping.incompatible}"
+        key = mapping.unmatched[0] if mapping.unmatched else "-"
+        return (
+            f"does not fit this {family} model: {mapping.incompatible} "
+            f"({len(mapping.unmatched)} of {module_count} layers unmatched, first: {key})"
+        )
+    if module_count and not mapping.targets:
+        key, reason = mapping.unmatched_reasons[0]
+        return (
+            f"none of its {module_count} layers matches this {family} model "
+            f"(first: {key}: {reason}); is it for another base model?"
+        )
+    return None
+
+
 def _why_unmatched(key: str, index: ModelIndex) -> str:
     component = key_component(key)
     if component is None:

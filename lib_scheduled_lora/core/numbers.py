@@ -14,9 +14,11 @@ import re
 
 NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 NON_FINITE_WORDS = frozenset({"nan", "inf", "infinity"})
+_DIGITS = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 NOT_A_NUMBER = "is not a number"
 NOT_FINITE = "is not a finite number"
+NOT_WHOLE = "is not a whole number"
 
 
 class NumberSyntaxError(ValueError):
@@ -38,6 +40,21 @@ def read_number(text: str) -> float:
     if stripped.lower().lstrip("+-") in NON_FINITE_WORDS:
         raise NumberSyntaxError(stripped, NOT_FINITE)
     raise NumberSyntaxError(stripped, NOT_A_NUMBER)
+
+
+def read_integer(text: str) -> int:
+    """The whole number ``text`` reads as in the same grammar (``20``, ``+3``, ``1e3``); exact for
+    plain digits of any length. Raises NumberSyntaxError for non-numbers, non-finite values and
+    fractions (``2.5``)."""
+    stripped = text.strip(" \t\n\r\f\v")
+    if _DIGITS.fullmatch(stripped):
+        return int(stripped)  # exact: a seed such as 2**64 - 1 must not pass through a float
+    value = read_number(stripped)
+    if not value.is_integer():
+        raise NumberSyntaxError(stripped, NOT_WHOLE)
+    if abs(value) >= 2**53:  # beyond this a float no longer holds every integer
+        raise NumberSyntaxError(stripped, "is too large to be exact; write its digits")
+    return int(value)
 
 
 def looks_like_a_number(text: str) -> bool:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,19 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lib_scheduled_lora.demo import world
+from lib_scheduled_lora.demo.layout import (  # noqa: F401 - where the model lives, re-exported
+    IMAGE_SIZE,
+    NETWORKS_DIR,
+    PACKAGE_DIR,
+    WEIGHT_FILES,
+    WEIGHTS_DIR,
+    is_demo_folder,
+    network_path,
+)
 from lib_scheduled_lora.demo.tokenizer import DemoTokenizer
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-WEIGHTS_DIR = PACKAGE_DIR / "weights"
-NETWORKS_DIR = PACKAGE_DIR / "networks"
 MAX_LENGTH = 16
+assert IMAGE_SIZE == world.SIZE
 
 FOLD = 2  # pixel_unshuffle factor between images and the UNet's sample space
 
@@ -151,19 +159,29 @@ class DemoPipeline(DiffusionPipeline):
                     for g in gens
                 ]
             )
+        # The grid first: a sigma-space scheduler's init_noise_sigma is the first sigma of the grid
+        # it was set to (before set_timesteps it describes the 1000-step training grid).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = latents.to(device) * self.scheduler.init_noise_sigma
         cond = (
             self.encode_prompt(negatives + prompts) if guidance_scale != 1.0 else self.encode_prompt(prompts)
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.scheduler.timesteps:
-            model_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=cond).sample
-            if guidance_scale != 1.0:
-                uncond, text = out.chunk(2)
-                out = uncond + guidance_scale * (text - uncond)
-            x = self.scheduler.step(out, t, x).prev_sample
+        timesteps = self.scheduler.timesteps
+        # Ancestral samplers draw fresh noise every step: from the caller's generators (one per
+        # image), so that a seed gives the same image every time, as in diffusers' pipelines.
+        step_kwargs = {}
+        if generator is not None and "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        with self.progress_bar(total=len(timesteps)) as bar:  # diffusers' bar: set_progress_bar_config
+            for t in timesteps:
+                model_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                out = self.unet(model_in, t, encoder_hidden_states=cond).sample
+                if guidance_scale != 1.0:
+                    uncond, text = out.chunk(2)
+                    out = uncond + guidance_scale * (text - uncond)
+                x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+                bar.update()
         tensors = (sample_to_images(x) / 2 + 0.5).clamp(0, 1).float().cpu()
         images = []
         if output_type == "pil":
@@ -238,6 +256,7 @@ def load_demo_pipeline(device: str = "cpu", directory: str | Path = WEIGHTS_DIR)
     pipe = DemoPipeline(
         unet=unet.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler
     )
+    pipe.set_progress_bar_config(disable=True)  # quiet for library use; the commands turn it on
     return pipe.to(device)
 
 
@@ -262,8 +281,3 @@ def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         what = f"{len(missing)} missing key(s) (first: {missing[0]})" if missing else ""
         what += ("; " if what else "") + (f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "")
         raise ModelFormatError(str(source), f"does not match the demo model: {what}")
-
-
-def network_path(name: str) -> Path:
-    """Shipped concept network file by tag name (``wday`` = the LoRA, ``wday_locon``, ``wday_loha``)."""
-    return NETWORKS_DIR / f"{name}.safetensors"

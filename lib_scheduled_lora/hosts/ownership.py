@@ -24,7 +24,13 @@ from typing import Any
 
 from lib_scheduled_lora.core.numbers import NUMBER, format_number
 from lib_scheduled_lora.core.tags import KINDS, NetworkTag, TagMatch, find_tags, parse_tag
-from lib_scheduled_lora.errors import MissingNetworkError, NotSafetensorsError, ScheduleSyntaxError
+from lib_scheduled_lora.errors import (
+    MissingNetworkError,
+    NotSafetensorsError,
+    ScheduleSyntaxError,
+    elide,
+    excerpt,
+)
 
 # The kinds the WebUI's builtin Lora extension answers to ("loractl" is ours only).
 HOST_KINDS = ("lora", "lyco")
@@ -242,8 +248,8 @@ def check_arguments(text: str, tag: NetworkTag) -> None:
                 text,
                 f"{key}={value}",
                 column,
-                "is a LoRA Block Weight argument; it only acts on networks the WebUI's own Lora loads, "
-                f"and this tag's strength is scheduled by Scheduled LoRA: {fix}",
+                f"is a LoRA Block Weight argument, which only the WebUI's own Lora acts on (Scheduled LoRA "
+                f"applies this tag): {fix}",
             )
 
 
@@ -277,7 +283,9 @@ def validate_prompts(
             seen.add(match.text)
             path = find_file(tag.name)
             if path is None:
-                raise MissingNetworkError(f"{match.text}: no network named {tag.name!r} in the Lora folders")
+                raise MissingNetworkError(
+                    f"{excerpt(match.text, 7)}: no network named {elide(tag.name)!r} in the Lora folders"
+                )
             if scheduled and Path(path).suffix.lower() != ".safetensors":
                 raise NotSafetensorsError(
                     f"{match.text}: {Path(path).name} is not a .safetensors file; scheduled strengths read only "

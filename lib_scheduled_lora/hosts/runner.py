@@ -21,7 +21,7 @@ from typing import Any
 from lib_scheduled_lora.core.engine import EngineSettings, Mode, ScheduledNetwork
 from lib_scheduled_lora.core.library import NetworkLibrary, strip_network_tags
 from lib_scheduled_lora.core.tags import tags_in_prompt
-from lib_scheduled_lora.errors import ModelFormatError
+from lib_scheduled_lora.errors import ModelFormatError, NetworkFileError, OutputPathError, elide
 from lib_scheduled_lora.hosts.ownership import check_arguments
 from lib_scheduled_lora.hosts.samplers import LABELS, make_scheduler
 
@@ -60,46 +60,87 @@ class GenerationResult:
     unet_multipliers: dict[str, list[float]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        """Write the PNG with the WebUI-style ``parameters`` text chunk, atomically."""
-        import os
-        import tempfile
-
+        """Write the PNG with the WebUI-style ``parameters`` text chunk, atomically: missing folders
+        are created, and on any failure (a full disk, an interruption) nothing is left behind."""
         from PIL.PngImagePlugin import PngInfo
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from lib_scheduled_lora.core.staging import staged_file
+
         info = PngInfo()
         info.add_text("parameters", self.infotext)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                self.image.save(handle, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(path, OutputPathError, create_parents=True) as tmp:
+            self.image.save(tmp, format="PNG", pnginfo=info)
+
+
+def check_model(model: str, config: str | None = None) -> None:
+    """Raise ModelFormatError when ``model`` cannot be a diffusers folder or a single-file SD
+    checkpoint, from its files alone (cheap: headers only), before anything is loaded."""
+    from lib_scheduled_lora.core.naming import model_index
+    from lib_scheduled_lora.core.networks.files import read_safetensors_header
+
+    path = Path(model)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise ModelFormatError(config, "--config must be a diffusers model folder (no model_index.json)")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelFormatError(model, "not a diffusers folder (no model_index.json)")
+        return
+    if not path.exists():
+        raise ModelFormatError(model, "no such diffusers folder or .safetensors checkpoint")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelFormatError(model, "not a diffusers folder or a .safetensors checkpoint")
+    try:
+        header = read_safetensors_header(path)
+    except NetworkFileError as exc:  # corrupt, truncated, a pickle, a FIFO...
+        raise ModelFormatError(model, exc.problem) from None
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if model_index(shapes).layout == "unknown":
+        raise ModelFormatError(model, "not a Stable Diffusion checkpoint: no UNet or text encoder weights")
 
 
 def load_pipeline(model: str, config: str | None = None) -> tuple[Any, str]:
     """(pipeline, label for the output) for a diffusers folder or a single-file checkpoint."""
     import diffusers
 
+    check_model(model, config)
     path = Path(model)
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelFormatError(model, "not a diffusers folder (no model_index.json)")
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    elif path.is_file() and path.suffix == ".safetensors":
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if config:
-            kwargs["config"] = config
-        try:
+    try:
+        if path.is_dir():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        else:
+            kwargs: dict[str, Any] = {"local_files_only": True}
+            if config:
+                kwargs["config"] = config
             pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        except Exception as exc:  # diffusers needs the model's configs; offline it cannot fetch them
-            raise ModelFormatError(model, f"cannot load as a single-file checkpoint ({exc}); pass --config DIR") from exc
-    else:
-        raise ModelFormatError(model, "no such diffusers folder or .safetensors checkpoint")
+    except Exception as exc:  # noqa: BLE001 - any library failure means this model cannot be used
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # A sound single-file SD checkpoint fails offline only for want of its configs.
+        hint = "; pass --config DIR (a diffusers folder of the same model type)" if path.is_file() and not config else ""
+        raise ModelFormatError(model, f"cannot load it ({elide(first, 120)}){hint}") from None
     return pipe, path.name
+
+
+def check_networks_fit(pipe: Any, networks: list[ScheduledNetwork]) -> None:
+    """Refuse a network that cannot apply to ``pipe``'s model at all (another base model, layers of
+    the wrong width, nothing matching), as the merge command does, before sampling."""
+    from torch import nn
+
+    from lib_scheduled_lora.core.naming import map_network, misfit, model_index
+    from lib_scheduled_lora.hosts.diffusers import COMPONENTS
+
+    # the parameter names the engine binds (hosts/diffusers.py groups the same components)
+    shapes = {
+        f"{name}.{key}": tuple(param.shape)
+        for name in COMPONENTS
+        if isinstance(getattr(pipe, name, None), nn.Module)
+        for key, param in getattr(pipe, name).named_parameters()
+    }
+    index = model_index(shapes)
+    for scheduled in networks:
+        network = scheduled.network
+        problem = misfit(map_network(network.modules, index), len(network.modules))
+        if problem is not None:
+            raise NetworkFileError(network.path, problem)
 
 
 def generate(
@@ -111,6 +152,7 @@ def generate(
     from lib_scheduled_lora.hosts.diffusers import attach
 
     networks = scheduled_networks(request.prompt, library)  # errors before any sampling
+    check_networks_fit(pipe, networks)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not progress)

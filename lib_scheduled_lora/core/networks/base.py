@@ -119,6 +119,8 @@ class Network:
     modules: dict[str, NetworkModule]
     metadata: dict[str, str] = field(default_factory=dict)
     unrecognised_keys: list[str] = field(default_factory=list)
+    # keys whose values hold NaN or ±inf (only a network loaded with allow_non_finite has any)
+    non_finite_keys: list[str] = field(default_factory=list)
 
     def rank_limited(self, rank: int) -> Network:
         """A copy whose modules keep only their first ``rank`` components (``<lora:x:1:dyn=8>``)."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -110,17 +110,30 @@ def _check_entries(path: Path, header: dict, data_size: int) -> dict[str, str]:
     return dict(metadata)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor (on CPU, in the file's dtype) and the string metadata of a .safetensors file.
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO"...), None for a regular file."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
-    Raises NetworkFileError (one line, naming the file) for a missing or empty file, a pickle file,
-    a file that is not safetensors, and a truncated or corrupt header or data.
-    """
-    path = Path(path)
+
+def _checked_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """(header, metadata, file size) of a .safetensors file, every entry checked against the size."""
     try:
-        if path.is_dir():
-            raise NetworkFileError(path, "is a directory, not a .safetensors file")
-        size = path.stat().st_size
+        info = path.stat()
+        kind = _file_kind(info.st_mode)
+        if kind is not None:
+            # Never opened: reading a FIFO or a device would block or never end.
+            suffix = ", not a .safetensors file" if kind == "a directory" else "; a network or model must be a regular .safetensors file"
+            raise NetworkFileError(path, f"is {kind}{suffix}")
+        size = info.st_size
         with open(path, "rb") as handle:
             head = handle.read(16)
             if size == 0:
@@ -140,7 +153,28 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise NetworkFileError(path, "permission denied") from None
     except IsADirectoryError:
         raise NetworkFileError(path, "is a directory, not a .safetensors file") from None
+    except OSError as exc:  # a name too long, an I/O error, a loop of links...
+        raise NetworkFileError(path, f"cannot read: {exc.strerror or exc}") from None
     metadata = _check_entries(path, header, size - data_start)
+    return header, metadata, size
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The checked header of a .safetensors file (``{name: {"dtype", "shape", ...}}`` and
+    ``__metadata__``) without reading its tensors; the same errors as :func:`read_safetensors`."""
+    header, _, _ = _checked_header(Path(path))
+    return header
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor (on CPU, in the file's dtype) and the string metadata of a .safetensors file.
+
+    Raises NetworkFileError (one line, naming the file) for a missing or empty file, a pickle file,
+    a file that is not safetensors, a FIFO or device (never opened), and a truncated or corrupt
+    header or data.
+    """
+    path = Path(path)
+    _, metadata, _ = _checked_header(path)
 
     from safetensors.torch import load_file
 
@@ -178,70 +212,31 @@ def write_safetensors_atomic(
 ) -> None:
     """Write ``tensors`` to ``path`` so that the file is either complete or absent.
 
-    The data goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over
-    ``path`` (atomic on POSIX and Windows). An existing ``path`` is refused unless ``force``.
-    Failures raise ``error`` (NetworkFileError by default; merge passes ModelFormatError), and the
-    temporary file is removed on any failure, including KeyboardInterrupt.
+    The data goes to a staging file in the same folder (:mod:`lib_scheduled_lora.core.staging`),
+    is flushed and fsync'ed, then renamed over ``path`` (atomic on POSIX and Windows). An existing
+    ``path`` is refused unless ``force``. Failures (a full disk included) raise ``error``
+    (NetworkFileError by default; merge passes ModelFormatError), and the staging file is removed
+    on any failure, including KeyboardInterrupt and SIGTERM.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from lib_scheduled_lora.core.staging import EXISTS, reason, staged_file
 
     path = Path(path)
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise error(path, "metadata must map strings to strings")
     if path.exists() and not force:
-        raise error(path, "already exists; refusing to overwrite it (use --force to replace it)")
-    folder = path.parent if str(path.parent) else Path(".")
+        raise error(path, EXISTS)
+    folder = path.parent
     if not folder.is_dir():
         raise error(path, f"folder {str(folder)!r} does not exist")
     try:
         prepared = _unshared(tensors)
     except TypeError as exc:
         raise error(path, f"cannot write: {exc}") from None
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
-        os.chmod(tmp, _default_mode())  # mkstemp makes it 0600; a normal file follows the umask
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            # link() fails if the target appeared meanwhile, so a racing writer is never clobbered.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise error(path, "already exists; refusing to overwrite it (use --force to replace it)") from None
-            except OSError:  # file system without hard links
-                if path.exists():
-                    raise error(path, "already exists; refusing to overwrite it (use --force to replace it)") from None
-                os.replace(tmp, path)
-        _fsync_folder(folder)
-    except ScheduledLoraError:
-        raise
-    except OSError as exc:
-        raise error(path, f"cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX only; Windows cannot open folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with staged_file(path, error, replace=force) as tmp:
+        try:
+            save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
+        except SafetensorError as exc:  # the library wraps I/O errors (a full disk) in its own type
+            raise error(path, f"cannot write: {reason(exc)}") from None

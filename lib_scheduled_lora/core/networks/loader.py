@@ -163,14 +163,22 @@ def _peft_alpha(config: dict, component: str, raw_path: str, rank: int) -> tuple
     return alpha, None
 
 
-def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors that hold NaN or ±inf (one pass over the file's data)."""
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def load_network(path: str | os.PathLike, name: str | None = None, *, allow_non_finite: bool = False) -> Network:
     """Read a LoRA / LyCORIS / diffusers-PEFT ``.safetensors`` file into a Network.
 
-    Raises NetworkFileError for unreadable files, malformed modules, and files without any
-    LoRA/LyCORIS key.
+    Raises NetworkFileError for unreadable files, malformed modules, files without any
+    LoRA/LyCORIS key and, unless ``allow_non_finite`` (``inspect``, which reports them), files
+    whose modules hold NaN or infinite values (a damaged file or a diverged training run: merged
+    or applied, it turns the model's weights and images into NaN).
     """
     source = str(path)
     tensors, metadata = read_safetensors(path)
+    non_finite = _non_finite(tensors)
     has_te2 = any(k.startswith("text_encoder_2.") for k in tensors)
     slots: dict[str, _Slot] = {}
     unrecognised: list[str] = []
@@ -215,6 +223,17 @@ def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
         if module is not None:
             modules[base] = module
 
+    for base, built in modules.items():
+        alpha = built.alpha
+        if alpha is not None and not math.isfinite(alpha) and not any(k.startswith(base + ".") for k in non_finite):
+            non_finite.append(f"{LORA_ADAPTER_METADATA_KEY} (alpha of {base})")  # from the PEFT config
+    used = [k for k in non_finite if k not in unrecognised]
+    if used and not allow_non_finite:
+        raise NetworkFileError(
+            source,
+            f"{len(used)} tensor(s) hold NaN or infinite values (first: {used[0]}); "
+            "the file is damaged or its training diverged",
+        )
     if not modules:
         sample = ", ".join(repr(k) for k in list(tensors)[:3])
         raise NetworkFileError(
@@ -229,4 +248,5 @@ def load_network(path: str | os.PathLike, name: str | None = None) -> Network:
         modules=modules,
         metadata=dict(metadata),
         unrecognised_keys=sorted(unrecognised),
+        non_finite_keys=non_finite,
     )
