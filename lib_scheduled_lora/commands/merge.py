@@ -50,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{net.name} at {net.weight:g}: {net.matched} layer(s) merged, {len(net.unmatched)} unmatched")
     print(
         f"wrote {result.output} ({report.family}, {report.layout} layout): "
-        f"{len(report.tensors)} tensor(s) changed in {len(result.files_written)} file(s)"
+        f"{len(result.changed)} tensor(s) changed in {len(result.files_written)} file(s)"
     )
     return 0
