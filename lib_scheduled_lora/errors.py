@@ -79,3 +79,11 @@ class MissingNetworkError(ScheduledLoraError):
 
 class NotSafetensorsError(ScheduledLoraError):
     """A scheduled tag names a network stored in a pickle format (.pt/.ckpt): never unpickled."""
+
+
+class RankRuleError(ScheduledLoraError, ValueError):
+    """A rank rule that cannot be applied (``--sv-fro 1.5``); ``what`` names the option and value."""
+
+    def __init__(self, what: str, problem: str):
+        self.what, self.problem = what, problem
+        super().__init__(f"{what}: {problem}")

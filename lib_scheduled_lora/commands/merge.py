@@ -30,17 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="fail when any layer of a network matches nothing in the model"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dtype", choices=("keep", "fp16", "bf16", "fp32"), default="keep",
+        help="tensor type of the output's floating-point weights (default: each keeps its own)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import terminal_progress
+    from lib_scheduled_lora.core.bake import OUTPUT_DTYPES
     from lib_scheduled_lora.core.merge import load_networks, merge_model, parse_lora_spec
+    from lib_scheduled_lora.core.network_writer import baked_metadata, source_records
 
     specs = [parse_lora_spec(spec) for spec in args.loras]
     networks = load_networks(specs)  # fail on a bad network before reading a large model
+    metadata = baked_metadata(source_records([(p, w, "network") for p, w in specs]), dtype=args.dtype)
     with terminal_progress("merging", unit="layer", enabled=not args.quiet) as progress:
         result = merge_model(
-            args.model, networks, args.output, force=args.force, strict=args.strict, progress=progress
+            args.model, networks, args.output, force=args.force, strict=args.strict, progress=progress,
+            dtype=OUTPUT_DTYPES[args.dtype], metadata=metadata,
         )
     report = result.report
     for net in report.networks:
