@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import terminal_progress
+    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.extract import extract_lora
     from lib_scheduled_lora.core.model_reader import ModelReader
     from lib_scheduled_lora.core.network_writer import (
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     files = [(p, None, role) for p, role in ((args.base, "base"), (args.tuned, "tuned"))]
     records = source_records([f for f in files if not _is_folder(f[0])])
     extra = {"unchanged_layers": extracted.unchanged, "not_extracted": len(extracted.not_extracted)}
-    metadata = made_metadata("extract", extracted, records, family=family, extra=extra)
+    metadata = made_metadata("extract", extracted, records, family=family, extra=extra, tool=tool_name())
     write_network(extracted, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
     print_report(extracted, layers=args.layers)
     if extracted.not_extracted:

@@ -38,13 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import terminal_progress
+    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.bake import OUTPUT_DTYPES
     from lib_scheduled_lora.core.merge import load_networks, merge_model, parse_lora_spec
     from lib_scheduled_lora.core.network_writer import baked_metadata, source_records
 
     specs = [parse_lora_spec(spec) for spec in args.loras]
     networks = load_networks(specs)  # fail on a bad network before reading a large model
-    metadata = baked_metadata(source_records([(p, w, "network") for p, w in specs]), dtype=args.dtype)
+    records = source_records([(p, w, "network") for p, w in specs])
+    metadata = baked_metadata(records, dtype=args.dtype, tool=tool_name())
     with terminal_progress("merging", unit="layer", enabled=not args.quiet) as progress:
         result = merge_model(
             args.model, networks, args.output, force=args.force, strict=args.strict, progress=progress,

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import terminal_progress
+    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.merge import load_networks, parse_lora_spec
     from lib_scheduled_lora.core.network_merge import merge_into_one
     from lib_scheduled_lora.core.network_writer import (
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         family = model.index.family if model is not None else _family(networks)
     records = source_records([(path, weight, "network") for path, weight in specs])
     extra = {"base_model": Path(args.model).name} if args.model else None
-    metadata = made_metadata("merge-networks", merged, records, family=family, extra=extra)
+    metadata = made_metadata("merge-networks", merged, records, family=family, extra=extra, tool=tool_name())
     write_network(merged, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
     print_report(merged, layers=args.layers)
     print(f"wrote {output} ({'exact' if rule is None else rule.describe()}, {args.dtype})")

@@ -105,3 +105,9 @@ def print_report(merged, *, layers: bool) -> None:
         print(f"warning: left out {key}: {why}", file=sys.stderr)
     if len(merged.dropped) > 5:
         print(f"warning: ... and {len(merged.dropped) - 5} more left out", file=sys.stderr)
+
+
+def tool_name() -> str:
+    import lib_scheduled_lora
+
+    return f"sd-webui-scheduled-lora {lib_scheduled_lora.__version__}"

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.merge_networks import _family, _model
     from lib_scheduled_lora.commands.progress import terminal_progress
+    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.network_merge import merge_into_one
     from lib_scheduled_lora.core.network_writer import (
         NETWORK_DTYPES,
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         family = model.index.family if model is not None else _family([(network, 1.0)])
     old = sorted({m.rank for m in network.modules.values() if m.rank is not None})
     extra = {"input_ranks": old, **({"base_model": Path(args.model).name} if args.model else {})}
-    metadata = made_metadata("resize", merged, source_records([(args.network, 1.0, "network")]), family=family, extra=extra)
+    records = source_records([(args.network, 1.0, "network")])
+    metadata = made_metadata("resize", merged, records, family=family, extra=extra, tool=tool_name())
     write_network(merged, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
     print_report(merged, layers=args.layers)
     print(f"wrote {output} ({rule.describe()}, {args.dtype})")

@@ -25,6 +25,7 @@ from lib_scheduled_lora.core.network_merge import MergedNetwork
 from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
 
 METADATA_KEY = "scheduled_lora_made"
+TOOL = "sd-webui-scheduled-lora"  # callers add the version (the core does not import the package root)
 # kohya's ss_base_model_version for each family this package tells apart
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 NETWORK_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -64,15 +65,15 @@ def made_metadata(
     *,
     family: str | None = None,
     extra: dict | None = None,
+    tool: str = TOOL,
 ) -> dict[str, str]:
-    """The metadata of a network made by ``operation`` ("merge-networks", "resize", "extract")."""
-    import lib_scheduled_lora
-
+    """The metadata of a network made by ``operation`` ("merge-networks", "resize", "extract");
+    ``tool`` names the program and its version."""
     ranks = sorted(set(merged.ranks))
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
     made = {
         "operation": operation,
-        "tool": f"sd-webui-scheduled-lora {lib_scheduled_lora.__version__}",
+        "tool": tool,
         "sources": [asdict(s) for s in sources],
         "rank_rule": json.loads(merged.rule.to_json()) if merged.rule is not None else "exact (concatenated ranks)",
         "exact": merged.exact,
@@ -146,12 +147,10 @@ def one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 BAKED_KEY = "scheduled_lora_baked"
 
 
-def baked_metadata(sources: Sequence[SourceRecord], *, dtype: str = "keep") -> dict[str, str]:
+def baked_metadata(sources: Sequence[SourceRecord], *, dtype: str = "keep", tool: str = TOOL) -> dict[str, str]:
     """The metadata a baked checkpoint gets (beside its own): the networks, their hashes and strengths."""
-    import lib_scheduled_lora
-
     baked = {
-        "tool": f"sd-webui-scheduled-lora {lib_scheduled_lora.__version__}",
+        "tool": tool,
         "networks": [asdict(s) for s in sources],
         "dtype": dtype,
     }
