@@ -81,30 +81,12 @@ def check_output(path: str, force: bool) -> Path:
 
 
 def print_report(merged, *, layers: bool) -> None:
-    """The per-layer table (``--layers``) and a one-line summary."""
-    rows = merged.layers
-    if layers:
-        width = max((len(r.key) for r in rows), default=10)
-        print(f"{'layer':{width}}  {'inputs':14} {'in rank':>7} {'rank':>5} {'fro kept':>9} {'energy':>7}")
-        for r in rows:
-            rank = "-" if r.rank is None else str(r.rank)
-            in_rank = "-" if r.input_rank is None else str(r.input_rank)
-            kinds = ",".join(sorted(set(r.algorithms)))
-            print(f"{r.key:{width}}  {kinds:14} {in_rank:>7} {rank:>5} {r.fro_kept:>9.2%} {r.energy_kept:>7.2%}")
-    ranks = merged.ranks
-    lowest = min((r for r in rows if r.rank is not None), key=lambda r: r.fro_kept, default=None)
-    parts = [f"{len(rows)} layer(s)"]
-    if ranks:
-        parts.append(f"rank {min(ranks)}" + (f"-{max(ranks)}" if max(ranks) != min(ranks) else ""))
-    if merged.exact:
-        parts.append("exact")
-    elif lowest is not None:
-        parts.append(f"fro kept: mean {merged.mean_fro_kept():.2%}, lowest {lowest.fro_kept:.2%} ({lowest.key})")
-    print(", ".join(parts))
-    for key, why in merged.dropped[:5]:
-        print(f"warning: left out {key}: {why}", file=sys.stderr)
-    if len(merged.dropped) > 5:
-        print(f"warning: ... and {len(merged.dropped) - 5} more left out", file=sys.stderr)
+    """The per-layer table (``--layers``) and a one-line summary; what was left out on stderr."""
+    from lib_scheduled_lora.core.network_merge import report_lines, warning_lines
+
+    print("\n".join(report_lines(merged, layers=layers)))
+    for line in warning_lines(merged):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def tool_name() -> str:

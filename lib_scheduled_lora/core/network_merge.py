@@ -337,3 +337,35 @@ def _put_lora(tensors: dict[str, torch.Tensor], key: str, up: torch.Tensor, down
     tensors[f"{key}.lora_up.weight"] = up.contiguous().cpu()
     tensors[f"{key}.lora_down.weight"] = down.contiguous().cpu()
     tensors[f"{key}.alpha"] = torch.tensor(float(rank))  # scale 1: the factors hold the strengths
+
+
+def report_lines(merged: MergedNetwork, *, layers: bool = False) -> list[str]:
+    """What a made network's report says: a table of every layer (``layers``) and a summary line."""
+    rows = merged.layers
+    lines = []
+    if layers:
+        width = max((len(r.key) for r in rows), default=10)
+        lines.append(f"{'layer':{width}}  {'inputs':14} {'in rank':>7} {'rank':>5} {'fro kept':>9} {'energy':>7}")
+        for r in rows:
+            rank = "-" if r.rank is None else str(r.rank)
+            in_rank = "-" if r.input_rank is None else str(r.input_rank)
+            kinds = ",".join(sorted(set(r.algorithms)))
+            lines.append(f"{r.key:{width}}  {kinds:14} {in_rank:>7} {rank:>5} {r.fro_kept:>9.2%} {r.energy_kept:>7.2%}")
+    ranks = merged.ranks
+    lowest = min((r for r in rows if r.rank is not None), key=lambda r: r.fro_kept, default=None)
+    parts = [f"{len(rows)} layer(s)"]
+    if ranks:
+        parts.append(f"rank {min(ranks)}" + (f"-{max(ranks)}" if max(ranks) != min(ranks) else ""))
+    if merged.exact:
+        parts.append("exact")
+    elif lowest is not None:
+        parts.append(f"fro kept: mean {merged.mean_fro_kept():.2%}, lowest {lowest.fro_kept:.2%} ({lowest.key})")
+    lines.append(", ".join(parts))
+    return lines
+
+
+def warning_lines(merged: MergedNetwork, limit: int = 5) -> list[str]:
+    out = [f"left out {key}: {why}" for key, why in merged.dropped[:limit]]
+    if len(merged.dropped) > limit:
+        out.append(f"... and {len(merged.dropped) - limit} more left out")
+    return out
