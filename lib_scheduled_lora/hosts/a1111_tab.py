@@ -229,6 +229,12 @@ def _send_to_xyz(prompt, network, x_kind, x_values, y_kind, y_values, same_mean,
     ]
 
 
+def _png64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _html(text: str) -> str:
     import html
 
@@ -423,10 +429,9 @@ def api_routes(app) -> None:
                 return error(exc)
             finally:
                 shared.state.end()
-        buffer = io.BytesIO()
-        result["grid"].save(buffer, format="PNG")
         return {
-            "grid": base64.b64encode(buffer.getvalue()).decode(),
+            "grid": _png64(result["grid"]),
+            "images": [_png64(image) for image in result["images"]] if body.get("images") else [],
             "report": json.loads(json.dumps(result["report"])),
             "files": [str(result["png"]), str(result["json"])],
             "xyz": [{"axis": label, "values": text} for label, text in companion.xyz_fields(plan)],
