@@ -366,11 +366,12 @@ def on_after_component(component, **kwargs) -> None:
         "script_txt2img_xyz_plot_y_type": "y_type", "script_txt2img_xyz_plot_y_values": "y_values",
         "txt2img_prompt": "prompt",
     }
+    # setdefault: the first of each (the API's default-argument pass builds throwaway copies later)
     elem_id = kwargs.get("elem_id")
     if elem_id in names:
-        _components[names[elem_id]] = component
-    elif elem_id == "script_list" and "script" not in _components:
-        _components["script"] = component
+        _components.setdefault(names[elem_id], component)
+    elif elem_id == "script_list":
+        _components.setdefault("script", component)
 
 
 # -- the API ----------------------------------------------------------------------------------

@@ -266,8 +266,3 @@ def sweep_plan(
 def xyz_fields(plan: SweepPlan) -> list[tuple[str, str]]:
     """(XYZ axis label, values text) for the plan's x and y axes, ready for the X/Y/Z plot script."""
     return [(XYZ_LABELS[kind], text) for kind, text in plan.xyz_axes()]
-
-
-def check_cancelled(progress: Progress | None) -> None:
-    if progress is not None and progress.cancelled is not None and progress.cancelled():
-        raise Cancelled("cancelled")

@@ -46,7 +46,7 @@ def run_sweep(
             run.references[label] = result.image
             done += 1
             if progress is not None:
-                progress("sweep", done, total)
+                progress("images", done, total)
     for cell in plan.cells:
         result = generate(pipe, dataclasses.replace(request, prompt=cell.prompt), library, model_label=model_label)
         run.images.append(result.image)
@@ -57,5 +57,5 @@ def run_sweep(
         run.numbers.append(numbers)
         done += 1
         if progress is not None:
-            progress("sweep", done, total)
+            progress("images", done, total)
     return run
