@@ -32,7 +32,7 @@ def tab(tmp_path_factory):
         known = {entry["name"] for entry in page.request.get(url + "/sdapi/v1/loras").json()}
         if "sl_lora" not in known:
             make_test_networks(lambda path: page.request.get(url + path).json(), lambda path: page.request.post(url + path))
-        page.get_by_role("button", name="Scheduled LoRA", exact=True).click()
+        _top_tab(page, "Scheduled LoRA")
         page.wait_for_selector("#scheduled_lora_merge_run", state="visible", timeout=SLOW)
         page.shots = Path(os.environ.get("SCHEDULED_LORA_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
         page.shots.mkdir(parents=True, exist_ok=True)
@@ -40,6 +40,14 @@ def tab(tmp_path_factory):
         yield page
         context.close()
         assert not errors, errors
+
+
+def _top_tab(page, name: str) -> None:
+    page.locator("#tabs > .tab-nav > button").filter(has_text=re.compile(f"^\\s*{re.escape(name)}\\s*$")).click()
+
+
+def _sub_tab(page, name: str) -> None:
+    page.locator("#scheduled_lora_tabs > .tab-nav > button").filter(has_text=re.compile(f"^\\s*{name}\\s*$")).click()
 
 
 def _fill(page, elem_id: str, value: str) -> None:
@@ -70,7 +78,7 @@ def _watch_progress(page, name: str) -> bool:
 
 def test_sweep_runs_with_the_progress_bar(tab):
     page = tab
-    page.get_by_role("tab", name="Sweep").click()
+    _sub_tab(page, "Sweep")
     _fill(page, "scheduled_lora_sweep_prompt", "a cat <lora:sl_lora:1>")
     _fill(page, "scheduled_lora_sweep_x_values", "0.5, 1, 1.5")
     _fill(page, "scheduled_lora_sweep_y_values", "0@0.3:1, 0@0;1@1")
@@ -94,7 +102,7 @@ def test_sweep_runs_with_the_progress_bar(tab):
 
 def test_sweep_axes_go_to_the_xyz_plot(tab):
     page = tab
-    page.get_by_role("tab", name="Sweep").click()
+    _sub_tab(page, "Sweep")
     _fill(page, "scheduled_lora_sweep_prompt", "a cat <lora:sl_lora:1>")
     _fill(page, "scheduled_lora_sweep_x_values", "0.5, 1")
     _fill(page, "scheduled_lora_sweep_y_values", "0@0.3:1, 1")
@@ -105,15 +113,15 @@ def test_sweep_axes_go_to_the_xyz_plot(tab):
     )
     assert page.input_value("#script_txt2img_xyz_plot_y_values textarea") == "sl_lora=0@0.3:1, sl_lora=1"
     assert page.input_value("#txt2img_prompt textarea") == "a cat <lora:sl_lora:1>"
-    page.get_by_role("button", name="txt2img", exact=True).click()
+    _top_tab(page, "txt2img")
     page.wait_for_selector("#script_txt2img_xyz_plot_x_values", state="visible", timeout=SLOW)
     page.screenshot(path=str(page.shots / "companion_sent_to_xyz.png"), full_page=True)
-    page.get_by_role("button", name="Scheduled LoRA", exact=True).click()
+    _top_tab(page, "Scheduled LoRA")
 
 
 def test_merge_runs_with_the_progress_bar(tab):
     page = tab
-    page.get_by_role("tab", name="Merge").click()
+    _sub_tab(page, "Merge")
     _pick(page, "scheduled_lora_merge_operation", "Bake into checkpoint")
     options = page.request.get(page.url_base + "/sdapi/v1/options").json()
     page.locator("#scheduled_lora_merge_checkpoint input").first.fill(options["sd_model_checkpoint"])
@@ -137,7 +145,7 @@ def test_merge_runs_with_the_progress_bar(tab):
 
 def test_a_bad_output_name_is_one_line_in_the_tab(tab):
     page = tab
-    page.get_by_role("tab", name="Merge").click()
+    _sub_tab(page, "Merge")
     _pick(page, "scheduled_lora_merge_operation", "Merge networks")
     _fill(page, "scheduled_lora_merge_networks", "sl_lora")
     _fill(page, "scheduled_lora_merge_output", "../outside")

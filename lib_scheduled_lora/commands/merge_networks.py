@@ -64,15 +64,10 @@ def _family(networks) -> str | None:
     return families.pop() if len(families) == 1 else None
 
 
-class _NoModel:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc_info):
-        return None
-
-
 def _model(path: str | None):
+    """The base model opened for reading, or a context holding None."""
+    import contextlib
+
     from lib_scheduled_lora.core.model_reader import ModelReader
 
-    return ModelReader(path) if path else _NoModel()
+    return ModelReader(path) if path else contextlib.nullcontext(None)
