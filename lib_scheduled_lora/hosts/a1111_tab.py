@@ -153,6 +153,10 @@ def _generate(prompt: str, settings: dict[str, Any]):
         batch_size=1,
         **settings,
     )
+    # The seed/sampler/steps widgets are scripts that copy their UI values into p in setup() (run
+    # as soon as script_args is set); as for the API, p's own fields are the settings here, so
+    # those UI-only setups are skipped.
+    p.is_api = True
     p.scripts = scripts.scripts_txt2img
     p.script_args = tuple(_script_args())
     try:
@@ -184,7 +188,7 @@ def run_sweep(plan: SweepPlan, settings: dict[str, Any], with_numbers: bool = Tr
     title = f"{plan.prompt} | seed {settings['seed']}, {settings.get('sampler_name')}, {settings.get('steps')} steps"
     grid = sweep_grid(plan, images, cell_notes=notes, title=title)
     report = sweep_report(plan, numbers=numbers, infotexts=infotexts, settings={k: v for k, v in settings.items() if k != "prompt"})
-    folder = Path(shared.opts.outdir_grids or shared.opts.outdir_txt2img_grids) / "scheduled-lora-sweeps"
+    folder = Path(shared.opts.outdir_grids or shared.opts.outdir_txt2img_grids).resolve() / "scheduled-lora-sweeps"
     png, json_path = save_sweep(grid, folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{settings['seed']}.png", report, infotexts[0])
     return {"grid": grid, "images": images, "report": report, "png": png, "json": json_path}
 
