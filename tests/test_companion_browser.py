@@ -57,7 +57,9 @@ def _fill(page, elem_id: str, value: str) -> None:
 
 
 def _pick(page, elem_id: str, value: str) -> None:
-    page.locator(f"#{elem_id} label").filter(has_text=re.compile(f"^{re.escape(value)}$")).click()
+    """Tick a radio choice (by its value) or a checkbox (``value`` ignored)."""
+    radio = page.locator(f"#{elem_id} input[type=radio][value=\"{value}\"]")
+    (radio if radio.count() else page.locator(f"#{elem_id} input[type=checkbox]")).check()
 
 
 def _watch_progress(page, name: str) -> bool:
@@ -94,10 +96,14 @@ def test_sweep_runs_with_the_progress_bar(tab):
     report = page.input_value("#scheduled_lora_sweep_report textarea")
     lines = [line for line in report.splitlines() if "from no network" in line]
     assert len(lines) == 9, report  # constant + two schedules, three strengths
-    assert page.locator("#scheduled_lora_sweep_gallery img").count() >= 10  # the grid and nine cells
+    page.wait_for_selector(".progressDiv", state="detached", timeout=SLOW)  # the host saw the task end
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#scheduled_lora_sweep_gallery img')].filter(i => i.complete && i.naturalWidth).length >= 10",
+        timeout=SLOW,
+    )  # the grid and nine cells
     page.screenshot(path=str(page.shots / "companion_sweep.png"), full_page=True)
-    assert page.inner_text("#scheduled_lora_sweep_message").strip() == ""
-    assert moved or page.locator(".progressDiv").count() == 0
+    assert page.locator("#scheduled_lora_sweep_message .error").count() == 0
+    assert moved, "the progress bar never showed progress"
 
 
 def test_sweep_axes_go_to_the_xyz_plot(tab):
@@ -106,6 +112,7 @@ def test_sweep_axes_go_to_the_xyz_plot(tab):
     _fill(page, "scheduled_lora_sweep_prompt", "a cat <lora:sl_lora:1>")
     _fill(page, "scheduled_lora_sweep_x_values", "0.5, 1")
     _fill(page, "scheduled_lora_sweep_y_values", "0@0.3:1, 1")
+    page.locator("#scheduled_lora_sweep_same_mean input[type=checkbox]").uncheck()
     page.click("#scheduled_lora_sweep_send_xyz")
     page.wait_for_function(
         "() => (document.querySelector('#script_txt2img_xyz_plot_x_values textarea') || {}).value === 'sl_lora=0.5, sl_lora=1'",
@@ -119,28 +126,69 @@ def test_sweep_axes_go_to_the_xyz_plot(tab):
     _top_tab(page, "Scheduled LoRA")
 
 
-def test_merge_runs_with_the_progress_bar(tab):
+@pytest.fixture
+def big_checkpoint(tab):
+    """An SD 1.5-sized checkpoint (2 GB, real layer names and shapes, random values) and a rank-8
+    LoRA for it in the WebUI's folders, so that a bake lasts long enough to watch its progress."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bake_memory
+    from support.random_networks import random_network, write
+
+    webui = Path(os.environ["WEBUI_PATH"]) / "models"
+    checkpoint, lora = webui / "Stable-diffusion" / "sl-browser-sd15.safetensors", webui / "Lora" / "sl_big.safetensors"
+    shapes = bake_memory.checkpoint_shapes("sd15")
+    bake_memory.write_checkpoint(checkpoint, shapes)
+    write(random_network(bake_memory.lora_layers(shapes), rank=8, seed=3), lora)
+    for route in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras"):
+        tab.request.post(tab.url_base + route)
+    yield checkpoint.name
+    for path in (checkpoint, lora, webui / "Stable-diffusion" / "browser-baked.safetensors"):
+        path.unlink(missing_ok=True)
+    for route in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras"):
+        tab.request.post(tab.url_base + route)
+
+
+def test_merge_runs_with_the_progress_bar(tab, big_checkpoint):
     page = tab
     _sub_tab(page, "Merge")
     _pick(page, "scheduled_lora_merge_operation", "Bake into checkpoint")
-    options = page.request.get(page.url_base + "/sdapi/v1/options").json()
-    page.locator("#scheduled_lora_merge_checkpoint input").first.fill(options["sd_model_checkpoint"])
+    page.click("#scheduled_lora_merge_refresh")
+    page.wait_for_timeout(2000)
+    page.locator("#scheduled_lora_merge_checkpoint input").first.fill(big_checkpoint)
     page.keyboard.press("Enter")
-    _fill(page, "scheduled_lora_merge_networks", "sl_lora:0.7, sl_locon:-0.3")
+    _fill(page, "scheduled_lora_merge_networks", "sl_big:0.7")
     _fill(page, "scheduled_lora_merge_output", "browser-baked")
     _pick(page, "scheduled_lora_merge_overwrite", "Overwrite")
     page.click("#scheduled_lora_merge_run")
-    _watch_progress(page, "companion_merge_progress.png")
+    assert _watch_progress(page, "companion_merge_progress.png"), "the progress bar never showed progress"
     page.wait_for_function(
         "() => document.querySelector('#scheduled_lora_merge_report textarea').value.startsWith('wrote')",
         timeout=600_000,
     )
+    page.wait_for_selector(".progressDiv", state="detached", timeout=SLOW)
     report = page.input_value("#scheduled_lora_merge_report textarea")
-    assert "browser-baked.safetensors" in report and "sl_lora at 0.7" in report and "sl_locon at -0.3" in report
+    assert "browser-baked.safetensors" in report and "sl_big at 0.7: 192 layer(s) merged" in report
     page.screenshot(path=str(page.shots / "companion_merge.png"), full_page=True)
+
+    # Interrupt in the middle of a bake: a one-line message, and nothing left in the folder
     folder = Path(os.environ["WEBUI_PATH"]) / "models" / "Stable-diffusion"
-    for suffix in (".safetensors", ".yaml"):
-        (folder / f"browser-baked{suffix}").unlink(missing_ok=True)
+    before = sorted(p.name for p in folder.iterdir())
+    _fill(page, "scheduled_lora_merge_output", "browser-cancelled")
+    page.click("#scheduled_lora_merge_run")
+    page.wait_for_function(
+        "() => { const d = document.querySelector('.progressDiv .progress');"
+        " return d && parseFloat(d.style.width || '0') > 0; }",
+        timeout=SLOW,
+    )
+    page.click("#scheduled_lora_merge_interrupt")
+    page.wait_for_function(
+        "() => document.querySelector('#scheduled_lora_merge_message').innerText.includes('cancelled; nothing was written')",
+        timeout=SLOW,
+    )
+    page.screenshot(path=str(page.shots / "companion_merge_interrupted.png"), full_page=True)
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_a_bad_output_name_is_one_line_in_the_tab(tab):

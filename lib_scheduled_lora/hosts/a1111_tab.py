@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 from modules import call_queue, processing, script_callbacks, scripts, sd_models, sd_samplers, shared
 
+from lib_scheduled_lora.core.output_names import confined_output
 from lib_scheduled_lora.core.sweep import KINDS, SweepPlan, cell_numbers, sweep_report
 from lib_scheduled_lora.errors import Cancelled, RankRuleError, ScheduledLoraError
 from lib_scheduled_lora.hosts import companion
@@ -76,9 +77,10 @@ def refresh_host_lists() -> None:
 
 def run_merge(operation, networks_text, checkpoint, tuned, rule, rank, conv_rank, param, dtype, output, overwrite) -> str:
     """The Merge tab's button (also the API's): one operation, its report as text."""
+    where = folders()
+    confined_output(where.checkpoints[0] if operation == "Bake into checkpoint" else where.networks[0], output)
     rule_obj = companion.rank_rule(rule, rank, conv_rank, param)
     progress = progress_from_state()
-    where = folders()
     if operation == "Bake into checkpoint":
         specs = companion.parse_network_specs(networks_text)
         outcome = companion.bake_checkpoint(
