@@ -94,6 +94,11 @@ def test_sweep_runs_with_the_progress_bar(tab):
         timeout=600_000,
     )
     report = page.input_value("#scheduled_lora_sweep_report textarea")
+    for line in report.splitlines():  # the grid and its JSON, in the WebUI's grids folder
+        if line.startswith(("grid: ", "numbers: ")):
+            written = Path(line.split(": ", 1)[1])
+            assert written.is_file()
+            written.unlink()
     lines = [line for line in report.splitlines() if "from no network" in line]
     assert len(lines) == 9, report  # constant + two schedules, three strengths
     page.wait_for_selector(".progressDiv", state="detached", timeout=SLOW)  # the host saw the task end

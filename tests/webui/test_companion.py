@@ -75,6 +75,8 @@ def test_sweep_grid_has_the_cells_labels_and_infotexts(webui):
     grid = Image.open(io.BytesIO(base64.b64decode(body["grid"])))
     assert grid.width > 2 * 64 and grid.height > 2 * 64
     assert all(Path(f).is_file() for f in body["files"])
+    for f in body["files"]:
+        Path(f).unlink()
     # the same cells as ready X/Y/Z plot axes, which the host knows
     axes = webui.get("/scheduled-lora/v1/info")[1]["xyz_axes"]["txt2img"]
     assert [a["axis"] for a in body["xyz"]] == ["Scheduled LoRA: strength", "Scheduled LoRA: schedule"]
@@ -93,6 +95,8 @@ def test_sweep_cells_equal_the_hosts_own_generations(webui):
 
     cells = body["report"]["cells"]
     assert [c["prompt"] for c in cells] == ["a dog <lora:sl_lora:0@0.25:1>", "a dog <lora:sl_lora:0@0.75:1>"]
+    for f in body["files"]:
+        Path(f).unlink()
     for cell, image in zip(cells, body["images"]):
         direct, _ = webui.txt2img(cell["prompt"], seed=99, steps=6, cfg_scale=5)
         assert np.array_equal(decode(image), direct[0])
