@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lib_scheduled_lora.commands.inspect", "describe a network file (algorithm, rank, alpha, layers)"),
     "merge": ("lib_scheduled_lora.commands.merge", "bake networks at constant strengths into a model"),
     "generate": ("lib_scheduled_lora.commands.generate", "generate an image with scheduled networks (diffusers)"),
+    "merge-networks": ("lib_scheduled_lora.commands.merge_networks", "merge several networks into one (exact or SVD)"),
+    "resize": ("lib_scheduled_lora.commands.resize", "change a network's rank (SVD, kohya's rank rules)"),
+    "sweep": ("lib_scheduled_lora.commands.sweep", "a labelled grid of one network's strengths and schedules, with numbers"),
+    "extract": ("lib_scheduled_lora.commands.extract", "extract a LoRA from a fine-tuned model minus its base"),
 }
 
 EXIT_BAD_INPUT = 2

@@ -105,3 +105,23 @@ class OptionError(ScheduledLoraError):
     def __init__(self, option: str, problem: str):
         self.option, self.problem = option, problem
         super().__init__(f"{option}: {problem}")
+
+
+class RankRuleError(ScheduledLoraError, ValueError):
+    """A rank rule that cannot be applied (``--sv-fro 1.5``); ``what`` names the option and value."""
+
+    def __init__(self, what: str, problem: str):
+        self.what, self.problem = what, problem
+        super().__init__(f"{what}: {problem}")
+
+
+class OutputNameError(ScheduledLoraError, ValueError):
+    """An output name typed in the UI or sent to the API that would leave its folder."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"output name {elide(name)!r}: {problem}")
+
+
+class Cancelled(ScheduledLoraError):
+    """The user interrupted a long operation; nothing was written."""

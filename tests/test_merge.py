@@ -11,7 +11,6 @@ import argparse
 import copy
 import filecmp
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +115,7 @@ def test_diffusers_folder_matches_diffusers_fuse_lora(sd1, tmp_path):
     )
     base = tiny_sd("sd1").diffusers_state_dict()
     changed = _assert_matches_oracle(merged, fused, base)
-    assert set(result.report.tensors) == changed
+    assert set(result.changed) == changed
     net = result.report.networks[0]
     assert net.matched == len(changed) and net.unmatched == []
     assert sorted(result.files_written) == [
@@ -326,32 +325,49 @@ def test_existing_output_needs_force(sd1, tmp_path):
         assert not (out / "f").exists()
 
 
-def _failing_save(fail_at: int, exc: BaseException):
-    """A safetensors.torch.save_file that writes part of the file and then fails on call ``fail_at``."""
-    from safetensors import torch as st
+class _FailingFile:
+    """A file whose writes fail with ``exc`` (a full disk, an interrupt); everything else passes through."""
 
-    real, calls = st.save_file, []
+    def __init__(self, inner, exc: BaseException):
+        self._inner, self._exc = inner, exc
 
-    def save(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == fail_at:
-            Path(filename).write_bytes(b"partial")
-            raise exc
-        return real(tensors, filename, metadata=metadata)
+    def write(self, data):
+        raise self._exc
 
-    return save
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _failing_writes(monkeypatch, exc: BaseException, file_number: int = 1, tensor_number: int = 3):
+    """Make the streaming writer write part of output file ``file_number`` and then fail with ``exc``
+    at its tensor ``tensor_number`` (as a full disk or Ctrl-C would)."""
+    from lib_scheduled_lora.core import safetensors_stream as stream
+
+    real, writers, calls = stream.StreamingWriter.write, [], []
+
+    def write(self, name, tensor):
+        if not writers or writers[-1] is not self:
+            writers.append(self)
+            calls.clear()
+        calls.append(name)
+        if len(writers) == file_number and len(calls) == tensor_number:
+            self._file.write(b"partial")
+            self._file = _FailingFile(self._file, exc)
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(stream.StreamingWriter, "write", write)
 
 
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_failed_single_file_write_leaves_nothing_behind(sd1, tmp_path, monkeypatch, exc):
     root, network, _ = sd1
-    monkeypatch.setattr("safetensors.torch.save_file", _failing_save(1, exc))
+    _failing_writes(monkeypatch, exc)
     out = tmp_path / "merged.safetensors"
     with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "model.safetensors", [(network, W)], out)
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"old")  # an existing output survives a failed --force
-    monkeypatch.setattr("safetensors.torch.save_file", _failing_save(1, exc))
+    _failing_writes(monkeypatch, exc)
     with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "model.safetensors", [(network, W)], out, force=True)
     assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == b"old"
@@ -361,13 +377,13 @@ def test_failed_single_file_write_leaves_nothing_behind(sd1, tmp_path, monkeypat
 def test_failed_folder_write_leaves_nothing_behind(sd1, tmp_path, monkeypatch, exc):
     root, network, _ = sd1
     out = tmp_path / "out"
-    monkeypatch.setattr("safetensors.torch.save_file", _failing_save(2, exc))  # the second weight file
+    _failing_writes(monkeypatch, exc, file_number=2)  # the second weight file
     with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "diffusers", [(network, W)], out)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "old").write_text("old")
-    monkeypatch.setattr("safetensors.torch.save_file", _failing_save(2, exc))
+    _failing_writes(monkeypatch, exc, file_number=2)
     with pytest.raises((OutputPathError, KeyboardInterrupt)):
         merge_model(root / "diffusers", [(network, W)], out, force=True)
     assert list(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["old"]

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="fail when any layer of a network matches nothing in the model"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar (shown only on a terminal anyway)")
+    parser.add_argument(
+        "--dtype", choices=("keep", "fp16", "bf16", "fp32"), default="keep",
+        help="tensor type of the output's floating-point weights (default: each keeps its own)",
+    )
 
 
 def _demo_network(spec: tuple[str, float]) -> tuple[str, float]:
@@ -65,7 +69,10 @@ def _demo_network(spec: tuple[str, float]) -> tuple[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import show_progress, terminal_progress
+    from lib_scheduled_lora.commands.rank_options import tool_name
+    from lib_scheduled_lora.core.bake import OUTPUT_DTYPES
     from lib_scheduled_lora.core.merge import check_merge_output, load_networks, merge_model, parse_lora_spec
+    from lib_scheduled_lora.core.network_writer import baked_metadata, source_records
 
     components = None
     model = args.model
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(model).exists():
         check_merge_output(model, args.output, force=args.force)  # before reading anything large
     networks = load_networks(specs)  # fail on a bad network before reading a large model
+    records = source_records([(p, w, "network") for p, w in specs])
+    metadata = baked_metadata(records, dtype=args.dtype, tool=tool_name())
     with terminal_progress("merging", unit="layer", enabled=show_progress(args.quiet)) as progress:
         result = merge_model(
             model,
@@ -88,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             strict=args.strict,
             progress=progress,
             components=components,
+            dtype=OUTPUT_DTYPES[args.dtype],
+            metadata=metadata,
         )
     report = result.report
     for net in report.networks:
@@ -97,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{net.name} at {net.weight:g}: {net.matched} layer(s) merged, {len(net.unmatched)} unmatched")
     print(
         f"wrote {result.output} ({report.family}, {report.layout} layout): "
-        f"{len(report.tensors)} tensor(s) changed in {len(result.files_written)} file(s)"
+        f"{len(result.changed)} tensor(s) changed in {len(result.files_written)} file(s)"
     )
     return 0

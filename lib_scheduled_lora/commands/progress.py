@@ -18,8 +18,9 @@ def show_progress(quiet: bool = False) -> bool:
 def terminal_progress(
     description: str, *, unit: str = "item", enabled: bool = True
 ) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A callback that draws one bar per label (file, pass), or None when disabled."""
-    if not enabled:
+    """A callback that draws one bar per label (file, pass), or None when disabled or when stderr
+    is not a terminal (:func:`show_progress`)."""
+    if not show_progress(not enabled):
         yield None
         return
     from tqdm import tqdm

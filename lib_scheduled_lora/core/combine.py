@@ -1,4 +1,5 @@
-"""The one kernel: ``W = round(W_base + Σ_k m_k · ΔW_k)``, shared by the per-step engine and merging.
+"""The one kernel: ``W = round(W_base + Σ_k m_k · ΔW_k)``, shared by the per-step engine and merging
+(and :func:`delta_sum`, ``Σ_k m_k · ΔW_k`` alone, for merging networks into one).
 
 Accumulated in float32 from the true base and rounded once to the output's dtype, so fp16/bf16
 weights never drift (nothing is added and later subtracted) and every caller of the same terms
@@ -58,3 +59,18 @@ def combine(base: torch.Tensor, terms: Sequence[Term], out: torch.Tensor | None 
     if acc is not out:
         out.copy_(acc)  # the single rounding
     return out
+
+
+def delta_sum(base: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """``Σ m·ΔW`` in float32 on ``base``'s device, without the base: what one merged network holds
+    for this weight. Each term is added with :func:`combine`'s arithmetic (IA3/DoRA read ``base``)."""
+    acc = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+    for term in terms:
+        if term.multiplier == 0.0:
+            continue
+        if term.delta is not None:
+            acc.add_(term.delta.view_as(acc).to(acc.device), alpha=term.multiplier)
+        else:
+            assert term.module is not None, "a term needs a delta or a module"
+            term.module.accumulate(acc, base, term.multiplier)
+    return acc

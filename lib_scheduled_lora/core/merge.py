@@ -172,43 +172,76 @@ def apply_plan(
 ) -> dict[str, torch.Tensor]:
     """New tensors for every planned weight (and bias) present in ``state_dict``; inputs untouched.
 
-    Each weight (or row slice of a fused weight) goes through the engine's kernel
-    (:func:`lib_scheduled_lora.core.combine.combine`): float32 from the original, one rounding.
     ``progress(label, done, total)`` is called after every weight (a terminal bar, the WebUI's
-    progress bar; it may raise to cancel).
+    progress bar; it may raise to cancel). See :func:`merged_weight` for the arithmetic.
     """
     out: dict[str, torch.Tensor] = {}
-    bias_terms: dict[str, dict[tuple[int, int] | None, list[Term]]] = {}
     names = [n for n in plan.parts if n in state_dict]
     for done, name in enumerate(names, 1):
-        base = state_dict[name]
-        regions: dict[tuple[int, int] | None, list[Term]] = {}
-        for part in plan.parts[name]:
-            if part.multiplier == 0.0:
-                continue
-            regions.setdefault(part.rows, []).append(Term(part.multiplier, part.module))
-            if part.bias and part.bias in state_dict:
-                bias_delta = part.module.bias_delta(_rows(state_dict[part.bias], part.rows))
-                if bias_delta is not None:
-                    bias_terms.setdefault(part.bias, {}).setdefault(part.rows, []).append(
-                        Term(part.multiplier, None, bias_delta)
-                    )
-        if regions:
-            out[name] = _combined(base, regions)
+        new = merged_weight(plan, name, state_dict.__getitem__)
+        if new is not None:
+            out[name] = new
         if progress is not None:
             progress(label, done, len(names))
-    for name, bias_regions in bias_terms.items():
-        out[name] = _combined(state_dict[name], bias_regions)
+    for name in sorted(plan.biases):
+        if name in state_dict:
+            new = merged_bias(plan, name, state_dict.__getitem__)
+            if new is not None:
+                out[name] = new
     return out
 
 
-def _combined(base: torch.Tensor, regions: Mapping[tuple[int, int] | None, list[Term]]) -> torch.Tensor:
+def merged_weight(
+    plan: MergePlan, name: str, read: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """The planned weight ``name`` (read with ``read``), or None when every strength on it is 0.
+
+    Each weight (or row slice of a fused weight) goes through the engine's kernel
+    (:func:`lib_scheduled_lora.core.combine.combine`): float32 from the original, one rounding to
+    ``dtype`` (default: the weight's own).
+    """
+    regions: dict[tuple[int, int] | None, list[Term]] = {}
+    for part in plan.parts.get(name, ()):
+        if part.multiplier != 0.0:
+            regions.setdefault(part.rows, []).append(Term(part.multiplier, part.module))
+    if not regions:
+        return None
+    return _combined(read(name), regions, dtype)
+
+
+def merged_bias(
+    plan: MergePlan, name: str, read: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """The planned bias ``name`` (full/norm modules' ``diff_b``/``b_norm``), or None when unchanged.
+
+    Needs only the bias itself: a bias difference does not depend on the weight."""
+    base = None
+    regions: dict[tuple[int, int] | None, list[Term]] = {}
+    for parts in plan.parts.values():
+        for part in parts:
+            if part.bias != name or part.multiplier == 0.0:
+                continue
+            base = read(name) if base is None else base
+            bias_delta = part.module.bias_delta(_rows(base, part.rows))
+            if bias_delta is not None:
+                regions.setdefault(part.rows, []).append(Term(part.multiplier, None, bias_delta))
+    if base is None or not regions:
+        return None
+    return _combined(base, regions, dtype)
+
+
+def _combined(
+    base: torch.Tensor,
+    regions: Mapping[tuple[int, int] | None, list[Term]],
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``base`` with each region (all rows, or a row slice) combined with its terms; rows no term
-    touches keep their exact bits."""
+    touches keep their exact bits (converted to ``dtype`` when given)."""
+    dtype = dtype or base.dtype
     if None in regions:
         assert len(regions) == 1, "a weight is targeted whole or by row slices, not both"
-        return combine(base, regions[None])
-    new = base.clone()
+        return combine(base, regions[None], out=torch.empty(base.shape, dtype=dtype, device=base.device))
+    new = base.to(dtype, copy=True)
     for rows, terms in regions.items():
         combine(_rows(base, rows), terms, out=_rows(new, rows))
     return new
@@ -242,8 +275,9 @@ def merge_networks(
 @dataclass
 class MergeResult:
     output: str
-    report: MergeReport
+    report: MergeReport  # its ``tensors`` stay empty: a file merge streams them to disk
     files_written: list[str]  # weight files rewritten (relative to the output for a folder)
+    changed: list[str] = field(default_factory=list)  # parameters changed (names as merge_networks')
 
 
 def merge_model(
@@ -255,12 +289,17 @@ def merge_model(
     strict: bool = False,
     progress: Progress | None = None,
     components: Mapping[str, Sequence[str]] | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> MergeResult:
     """Merge into a diffusers folder or a single-file checkpoint, writing ``output`` in the same layout.
 
-    ``components``: for a model folder that is not a diffusers one (the built-in demo model), its
-    weight files per component (``{"unet": ["unet.safetensors"], ...}``, relative to the folder);
-    by default a folder's ``model_index.json`` says.
+    Tensor by tensor (:mod:`lib_scheduled_lora.core.bake`): peak memory is about one layer.
+    ``dtype`` converts every floating-point tensor (None: each keeps its own); ``metadata`` is
+    added to each written file's own. ``components``: for a model folder that is not a diffusers
+    one (the built-in demo model), its weight files per component (``{"unet":
+    ["unet.safetensors"], ...}``, relative to the folder); by default a folder's
+    ``model_index.json`` says.
 
     ``output`` appears complete or not at all (see :mod:`lib_scheduled_lora.core.staging`: what an
     interrupted merge leaves and how the next run removes it); an existing one is replaced only
@@ -272,9 +311,10 @@ def merge_model(
         raise ModelFormatError(model, "not found")
     check_merge_output(model, output, force=force)
     remove_stale(output.parent)  # a killed run's staging copy may be as large as the model
+    options = dict(force=force, strict=strict, progress=progress, dtype=dtype, metadata=metadata)
     if model.is_dir():
-        return _merge_folder(model, networks, output, force=force, strict=strict, progress=progress, components=components)
-    return _merge_file(model, networks, output, force=force, strict=strict, progress=progress)
+        return _merge_folder(model, networks, output, components=components, **options)
+    return _merge_file(model, networks, output, **options)
 
 
 def check_merge_output(model: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> None:
@@ -293,20 +333,12 @@ def check_merge_output(model: str | os.PathLike, output: str | os.PathLike, *, f
         raise OutputPathError(output, f"is inside the model folder {path_text(model)}; choose another place")
 
 
-def _read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from lib_scheduled_lora.core.networks.files import read_safetensors
+def _merge_file(model, networks, output, *, force, strict, progress, dtype, metadata) -> MergeResult:
+    from lib_scheduled_lora.core.bake import bake_file
+    from lib_scheduled_lora.core.safetensors_stream import SafetensorsReader
 
-    try:
-        return read_safetensors(path)
-    except NetworkFileError as exc:
-        raise ModelFormatError(path, exc.problem) from None
-
-
-def _merge_file(model, networks, output, *, force, strict, progress) -> MergeResult:
-    from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
-
-    state, metadata = _read_model_file(model)
-    index = model_index({k: tuple(v.shape) for k, v in state.items()})
+    with SafetensorsReader(model) as reader:  # the header only, checked
+        index = model_index(reader.shapes)
     if index.layout == "unknown":
         raise ModelFormatError(
             model,
@@ -314,11 +346,12 @@ def _merge_file(model, networks, output, *, force, strict, progress) -> MergeRes
             "(for a diffusers model, pass its folder)",
         )
     plan = plan_merge(index, networks, strict=strict)
-    changed = apply_plan(plan, state, progress=progress, label=model.name)
-    merged = {**state, **changed}
-    write_safetensors_atomic(merged, output, metadata, force=force, error=OutputPathError)
-    report = MergeReport(changed, plan.networks, plan.family, plan.layout)
-    return MergeResult(str(output), report, [output.name])
+    baked = bake_file(
+        model, output, plan, dtype=dtype, metadata=metadata, force=force, progress=progress, label=model.name,
+        error=OutputPathError,
+    )
+    report = MergeReport({}, plan.networks, plan.family, plan.layout)
+    return MergeResult(str(output), report, [output.name], baked.changed)
 
 
 @dataclass
@@ -392,14 +425,14 @@ def _model_shapes(files: list[_WeightFile]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _merge_folder(model, networks, output, *, force, strict, progress, components=None) -> MergeResult:
-    from lib_scheduled_lora.core.networks.files import write_safetensors_atomic
+def _merge_folder(model, networks, output, *, force, strict, progress, dtype, metadata, components=None) -> MergeResult:
+    from lib_scheduled_lora.core.bake import bake_file
 
     files = _weight_files(model, components)
     plan = plan_merge(_model_shapes(files), networks, strict=strict)
     rewritten = {f.path: f for f in files if plan.touches(f"{f.component}.{k}" for k in f.shapes)}
 
-    changed_all: dict[str, torch.Tensor] = {}
+    changed_all: list[str] = []
     written: list[str] = []
     with staged_folder(output, OutputPathError, replace=force) as staging:
         for source in sorted(model.rglob("*")):
@@ -410,21 +443,27 @@ def _merge_folder(model, networks, output, *, force, strict, progress, component
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
             weight_file = rewritten.get(source)
-            if weight_file is None:
+            if weight_file is None and (dtype is None or source.suffix != ".safetensors"):
                 if source.is_file():  # a FIFO or socket in a model folder is nothing to copy
                     shutil.copy2(source, destination)  # byte-identical; follows hub-cache symlinks
                 continue
-            state, metadata = _read_model_file(source)
-            prefix = weight_file.component + "."
-            prefixed = {prefix + k: v for k, v in state.items()}
-            changed = apply_plan(plan, prefixed, progress=progress, label=str(relative))
-            merged = {**state, **{k[len(prefix) :]: v for k, v in changed.items()}}
-            write_safetensors_atomic(merged, destination, metadata, force=True, error=OutputPathError)
-            changed_all.update(changed)
-            written.append(str(relative))
-            del state, prefixed, merged
-    report = MergeReport(changed_all, plan.networks, plan.family, plan.layout)
-    return MergeResult(str(output), report, written)
+            baked = bake_file(
+                source,
+                destination,
+                plan,
+                prefix=weight_file.component + "." if weight_file else "",
+                dtype=dtype,
+                metadata=metadata,
+                force=True,
+                progress=progress,
+                label=str(relative),
+                error=OutputPathError,
+            )
+            changed_all += baked.changed
+            if weight_file is not None:
+                written.append(str(relative))
+    report = MergeReport({}, plan.networks, plan.family, plan.layout)
+    return MergeResult(str(output), report, written, changed_all)
 
 
 def load_networks(specs: Sequence[tuple[str, float]]) -> list[tuple[Network, float]]:

@@ -289,6 +289,10 @@ class ModelIndex:
     layout: str
     slots: dict[str, Slot]
     components: frozenset[str]  # which of unet/te/te2 the model has
+    # The one name kohya's trainer gives each weight (SD 1.x/2.x UNet: the diffusers path; SDXL
+    # UNet: the sgm path; text encoders: ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``): what files
+    # this package writes use, so that the WebUI, diffusers' kohya converter and kohya read them.
+    kohya_names: dict[Slot, str] = field(default_factory=dict)
 
 
 def model_index(param_shapes: Mapping[str, tuple[int, ...]]) -> ModelIndex:
@@ -303,9 +307,12 @@ def _model_index(items: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelIndex:
     family, layout = detect_layout(canonical, {c: shapes[r] for c, r in canonical.items()})
     slots: dict[str, Slot] = {}
     components: set[str] = set()
+    kohya_names: dict[Slot, str] = {}
 
-    def add(keys: Iterable[str], slot: Slot) -> None:
+    def add(keys: Iterable[str], slot: Slot, kohya_name: str | None = None) -> None:
         components.add(slot.component)
+        keys = list(keys)
+        kohya_names.setdefault(slot, kohya_name or keys[0])
         for key in keys:
             # Distinct modules never share a kohya name in these architectures; if a model ever
             # produced one, the first wins rather than the lookup being order-dependent later.
@@ -333,9 +340,12 @@ def _model_index(items: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelIndex:
         else:
             other = unet_ldm_to_diffusers(module, layers, label)
         names = [module] if other is None else [module, other]
+        ldm_path, diffusers_path = (other, module) if layout == "diffusers" else (module, other)
+        trainer_path = (ldm_path if family == "sdxl" else diffusers_path) or module
         add(
             (_kohya(p, n) for p in UNET_PREFIXES for n in names),
             Slot(UNET, canonical[weight], None, bias, shapes[canonical[weight]]),
+            _kohya(UNET_PREFIXES[0], trainer_path),
         )
 
     # Text encoders ------------------------------------------------------------------------
@@ -344,7 +354,7 @@ def _model_index(items: tuple[tuple[str, tuple[int, ...]], ...]) -> ModelIndex:
             if name.startswith(root):
                 _add_text_weight(add, name[len(root) :], root, component, prefixes, kind, canonical, shapes)
 
-    return ModelIndex(family, layout, slots, frozenset(components))
+    return ModelIndex(family, layout, slots, frozenset(components), kohya_names)
 
 
 def _layers_per_block(unet_names: list[str], layout: str) -> int:

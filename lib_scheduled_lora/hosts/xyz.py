@@ -1,6 +1,8 @@
-"""The XYZ-grid axes' values: parsing, canonical labels, and rewriting a prompt's tags.
+"""The XYZ-grid axes: the core's typed tag edits (:mod:`lib_scheduled_lora.core.tag_edits`) with
+the WebUI's rule for unnamed values.
 
-Axis values are ``SCHED`` (applies to every scheduled tag of the prompt) or ``name=SCHED`` (to
+Axis values are ``SCHED`` (applies to every scheduled tag of the prompt: the tags the host's own
+Lora does not take, :func:`~lib_scheduled_lora.hosts.ownership.is_ours`) or ``name=SCHED`` (to
 every tag of that network, plain or not). Grid cells get a copy of the processing object, so an
 axis only rewrites that copy's prompt; the schedule then travels in the prompt like any other
 (and lands in the infotext). XYZ splits values on commas (CSV, so quotes work): write keyframes
@@ -9,124 +11,39 @@ inside one value with ``;`` (``0@0;1@0.5``) or quote the value (``"0@0,1@0.5"``)
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-
-from lib_scheduled_lora.core.numbers import NumberSyntaxError, format_number, read_number
-from lib_scheduled_lora.core.schedule import Schedule, parse_schedule
-from lib_scheduled_lora.core.tags import NetworkTag, TagMatch, map_tags
-from lib_scheduled_lora.errors import ScheduleSyntaxError
+from lib_scheduled_lora.core import tag_edits
+from lib_scheduled_lora.core.tag_edits import number_label, schedule_label, split_name, with_switch
 from lib_scheduled_lora.hosts.ownership import is_ours
 
-_NAMED = re.compile(r"^\s*([^=:<>]+?)\s*=(.*)$", re.S)
-
-
-def split_name(value: str) -> tuple[str | None, str]:
-    """``"wday=0@0.3:1"`` -> ("wday", "0@0.3:1"); ``"0@0.3:1"`` -> (None, "0@0.3:1")."""
-    m = _NAMED.match(str(value))
-    if m:
-        return m.group(1), m.group(2).strip()
-    return None, str(value).strip()
-
-
-def parse_schedule_value(value: str) -> tuple[str | None, Schedule]:
-    name, text = split_name(value)
-    return name, parse_schedule(text, tag=str(value), offset=len(str(value)) - len(text))
-
-
-def parse_number_value(value: str) -> tuple[str | None, float]:
-    """``"wday=0.5"`` -> ("wday", 0.5), in the schedule grammar's number syntax (no ``1_0``, ``nan``)."""
-    name, text = split_name(value)
-    try:
-        return name, read_number(text)
-    except NumberSyntaxError as exc:
-        raise ScheduleSyntaxError(str(value), text, len(str(value)) - len(text) + 1, exc.problem) from None
-
-
-def schedule_label(value: str) -> str:
-    name, schedule = parse_schedule_value(value)
-    return f"{name}={schedule.format()}" if name else schedule.format()
-
-
-def number_label(value: str) -> str:
-    name, number = parse_number_value(value)
-    return f"{name}={format_number(number)}" if name else format_number(number)
-
-
-def _targets(name: str | None) -> Callable[[NetworkTag], bool]:
-    if name is None:
-        return is_ours
-    return lambda tag: tag.name == name
-
-
-def _rewrite(prompt: str, name: str | None, change: Callable[[NetworkTag], NetworkTag]) -> str:
-    wanted = _targets(name)
-
-    def fn(match: TagMatch) -> NetworkTag | None:
-        if match.tag is None or not wanted(match.tag):
-            return None
-        return change(match.tag)
-
-    return map_tags(prompt, fn)
-
-
-def _scheduled_parts(tag: NetworkTag) -> list[str]:
-    """Which first-pass schedules an axis replaces: both when they are the same, otherwise the
-    non-constant ones (``<lora:x:1:0@0.3:1>`` keeps its te of 1), or both when neither moves."""
-    if tag.te == tag.unet:
-        return ["te", "unet"]
-    moving = [k for k in ("te", "unet") if not getattr(tag, k).is_constant]
-    return moving or ["te", "unet"]
+__all__ = ["AXES", "number_label", "schedule_label", "split_name", "with_switch"]
 
 
 def apply_schedule(prompt: str, value: str) -> str:
-    name, schedule = parse_schedule_value(value)
-    return _rewrite(
-        prompt, name, lambda tag: tag.with_schedules(**{k: schedule for k in _scheduled_parts(tag)})
-    )
+    return tag_edits.apply_schedule(prompt, value, is_ours)
 
 
 def apply_hires(prompt: str, value: str) -> str:
-    name, schedule = parse_schedule_value(value)
-    return _rewrite(prompt, name, lambda tag: tag.with_schedules(hr=schedule))
+    return tag_edits.apply_hires(prompt, value, is_ours)
 
 
 def apply_strength(prompt: str, value: str) -> str:
-    name, factor = parse_number_value(value)
-    return _rewrite(prompt, name, lambda tag: tag.scaled(factor))
-
-
-def with_switch(schedule: Schedule, position: float) -> Schedule:
-    """``schedule`` with its first switch point (T in ``A@T:B``) moved to ``position``.
-
-    A schedule without a switch point is returned unchanged. Raises ValueError when the new
-    position would put keyframes out of order (e.g. before a ramp inside the first piece).
-    """
-    if len(schedule.pieces) < 2:
-        return schedule
-    old = schedule.pieces[0].switch
-    raw = [[(kf.value, kf.pos) for kf in piece.keyframes] for piece in schedule.pieces]
-    raw[0][-1] = (raw[0][-1][0], position)
-    if raw[1][0][1] == old:
-        raw[1][0] = (raw[1][0][0], position)
-    return Schedule.from_pieces(raw)
+    return tag_edits.apply_strength(prompt, value, is_ours)
 
 
 def apply_switch(prompt: str, value: str) -> str:
-    name, position = parse_number_value(value)
+    return tag_edits.apply_switch(prompt, value, is_ours)
 
-    def change(tag: NetworkTag) -> NetworkTag:
-        parts = [k for k in ("te", "unet") if getattr(tag, k).switch_points]
-        if tag.te == tag.unet:
-            parts = ["te", "unet"] if parts else []
-        try:
-            return tag.with_schedules(**{k: with_switch(getattr(tag, k), position) for k in parts})
-        except ValueError as exc:
-            raise ScheduleSyntaxError(
-                tag.format(), str(value), 1, f"cannot be the switch point: {exc}"
-            ) from None
 
-    return _rewrite(prompt, name, change)
+def apply_ramp(prompt: str, value: str) -> str:
+    return tag_edits.apply_ramp(prompt, value, is_ours)
+
+
+def apply_te(prompt: str, value: str) -> str:
+    return tag_edits.apply_te(prompt, value, is_ours)
+
+
+def apply_unet(prompt: str, value: str) -> str:
+    return tag_edits.apply_unet(prompt, value, is_ours)
 
 
 AXES = {
@@ -134,4 +51,7 @@ AXES = {
     "Scheduled LoRA: switch point": (apply_switch, number_label),
     "Scheduled LoRA: strength": (apply_strength, number_label),
     "Scheduled LoRA: hires schedule": (apply_hires, schedule_label),
+    "Scheduled LoRA: ramp shape": (apply_ramp, number_label),
+    "Scheduled LoRA: te strength": (apply_te, number_label),
+    "Scheduled LoRA: unet strength": (apply_unet, number_label),
 }
