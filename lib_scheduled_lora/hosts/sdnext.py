@@ -406,6 +406,7 @@ class SDNextIntegration:
                 batch.handles.append(parts[name].register_forward_pre_hook(self._before_text_encoder))
                 batch.handles.append(parts[name].register_forward_hook(self._after_text_encoder))
         self._install_step_callback(p)
+        log.debug("Scheduled LoRA: hooks on %s (UNet %x) for %s", type(self.host.pipeline()).__name__, id(unet), " ".join(t.format() for t in state.ours))
 
     def _install_step_callback(self, p: Any) -> None:
         task_args = getattr(p, "task_args", None)
@@ -439,6 +440,8 @@ class SDNextIntegration:
         hires = bool(getattr(batch.p, "is_hr_pass", False))
         tags, networks = self._networks(batch, hires)
         batch.grid = grid
+        if not tags:
+            log.debug("Scheduled LoRA: no scheduled tag in this pass's network data %s", getattr(batch.p, "network_data", None))
         batch.session = batch.pass_scope.enter_context(
             self.runtime.sampling_pass(networks, grid, hires=hires, trace=batch.state.trace)
         )
