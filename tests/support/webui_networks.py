@@ -12,6 +12,7 @@ turns some perturbed conditionings into NaNs (the host's own Lora included).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def make_networks_for_webui(
         checkpoint = next(
             (m["filename"] for m in models if m["title"].split(" [")[0] == loaded), models[0]["filename"]
         )
-    paths = make_networks(Path(root) / checkpoint, lora_dir)
+    paths = make_networks(os.path.join(root, checkpoint), lora_dir)  # an absolute name stays as it is
     post("/sdapi/v1/refresh-loras")
     return paths
 
