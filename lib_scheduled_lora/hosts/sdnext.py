@@ -88,6 +88,25 @@ _SCHEDULE_SYNTAX = re.compile(r"[@~]|:(?:hr|hrte|hrunet)=")
 PASS_KEY = f"{MARK_KEY}_pass"
 
 
+# What the schedule editor (javascript/scheduled_lora_editor.js) reads in SD.Next's UI where A1111's
+# differs (checked in the real UI at 058a7f0c): the hires switch and its steps, and the samplers
+# that evaluate twice per step on SD.Next's diffusers schedulers (positions measured through the
+# adapter: Heun and KDPM2 a at the next step, KDPM2 between steps; A1111's names are not SD.Next's
+# second-order samplers, and its "DPM++ SDE" runs once per step).
+EDITOR_CONFIG = {
+    "tabs": {
+        "txt2img": {
+            "hires": "#txt2img_enable_hr input[type=checkbox]",
+            "hiresSteps": "#txt2img_steps_alt input[type=number]",
+        },
+    },
+    "secondOrder": {
+        "Heun": "end", "KDPM2": "mid", "KDPM2 a": "end",
+        "DPM2": None, "DPM2 a": None, "DPM++ 2S a": None, "DPM++ SDE": None,
+    },
+}
+
+
 # -- the host ------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ SD.Next); this file only connects the two.
 
 from __future__ import annotations
 
+import html
+import json
 import logging
 
 import gradio as gr
@@ -58,11 +60,15 @@ class ScheduledLoraScript(scripts_manager.Script):
                 label="Enable scheduled strengths (<lora:name:0@0.3:1>)",
                 elem_id=f"scheduled_lora_enabled_{tab}",
             )
+            config = html.escape(json.dumps(sdnext.EDITOR_CONFIG), quote=True)
             gr.HTML(
-                f'<div class="scheduled-lora-editor" id="scheduled_lora_editor_{tab}" data-tab="{tab}"></div>'
+                f'<div class="scheduled-lora-editor" id="scheduled_lora_editor_{tab}" data-tab="{tab}" '
+                f'data-host-config="{config}"></div>'
             )
+        # SD.Next's Restore applies a callable field's result only when it is a gr.update (any
+        # other value goes through its name-based skip list, which expects a string key).
         self.infotext_fields = [
-            (enabled, lambda params: params.get(a1111.INFOTEXT_ENABLED, "on") != "off"),
+            (enabled, lambda params: gr.update(value=params.get(a1111.INFOTEXT_ENABLED, "on") != "off")),
         ]
         return [enabled]
 
@@ -152,7 +158,17 @@ def xyz_axes(is_img2img: bool) -> dict[str, int]:
     return {x.label: i for i, x in enumerate(options) if x.label in xyz.AXES}
 
 
+def register_infotext_setting() -> None:
+    """Restore reads "Scheduled LoRA mode: X" from an infotext into an override of the option."""
+    from modules import infotext
+
+    entry = (a1111.INFOTEXT_MODE, "scheduled_lora_mode")
+    if entry not in infotext.mapping:
+        infotext.mapping.append(entry)
+
+
 register_xyz_axes()
+register_infotext_setting()
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(lambda: sdnext.install_handler(extra_networks))
 script_callbacks.on_after_process(lambda p: integration.end_batch())
