@@ -224,7 +224,8 @@ class SDNext:
         if p.enable_hr:
             p.all_hr_prompts = list(p.all_prompts)
         self.integration.begin(p, p.enabled)  # Script.process
-        p.init(p.all_prompts, [], [])
+        if not hasattr(p, "skip_init"):
+            p.init(p.all_prompts, [], [])
         outputs = []
         for n in range(p.n_iter):
             if self.shared.state.interrupted:
@@ -595,3 +596,13 @@ def tiny_scheduler_config():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(steps_offset=1, clip_sample=False).config
+
+
+def test_a_job_that_skips_p_init_still_gets_its_schedules(host, pipe):
+    """SD.Next skips ``p.init`` for processing objects marked ``skip_init``: no validation
+    there, but the tags are still ours and still applied."""
+    p = P("a cat <lora:style:0@0.5:1>")
+    p.skip_init = True
+    host.process_images(p)
+    assert [e.multipliers["style"] for e in p.scheduled_lora_state.trace] == [0, 0, 0, 1, 1, 1]
+    assert host.lora.calls[-1] == []

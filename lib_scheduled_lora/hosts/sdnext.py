@@ -411,7 +411,11 @@ class SDNextIntegration:
         """Hooks for this batch (``process_batch``: tags parsed, SD.Next's LoRAs not yet fused)."""
         self.end_batch()
         state: SDNextState | None = getattr(p, STATE_ATTR, None)
-        if state is None or not state.enabled or not state.ours:
+        if state is None or not state.enabled:
+            return
+        if not state.validated:  # p.init was skipped (p.skip_init): our tags, without stopping the job
+            state.ours = [m.tag for prompt in self.prompts(p) for m in state.tags.in_prompt(prompt) if m.tag is not None and is_ours(m.tag)]
+        if not state.ours:
             return
         parts = self.host.parts()
         unet = parts.get("unet")
