@@ -59,8 +59,14 @@ def infotext(body) -> str:
 
 
 def _set_options(webui, values: dict) -> dict:
+    """Set SD.Next options; returns what to set to undo it. SD.Next's GET /options lists only the
+    options that were set: the others' defaults come from /options-info."""
     _, options = webui.get("/sdapi/v1/options")
-    previous = {k: options.get(k) for k in values}
+    missing = [k for k in values if k not in options]
+    if missing:
+        _, info = webui.get("/sdapi/v1/options-info")
+        options = {**options, **{k: info["options"][k]["default"] for k in missing}}
+    previous = {k: options[k] for k in values}
     status, body = webui.post("/sdapi/v1/options", values)
     assert status == 200, body
     return previous
