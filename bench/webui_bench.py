@@ -5,9 +5,11 @@
 Cases (each for the LoRA and the LoCon written by webui_networks): no LoRA,
 static ``<lora:x:1>`` (the host's builtin), step schedule ``0@0.3:1``, ramp ``0@0,1@1`` (ours),
 and loractl's ramp/step (``0@0,1@1`` and ``0@0,0@0.29,1@0.3``) when loractl is installed (our
-extension off for those runs via alwayson_scripts, loractl's off for ours). Runs are interleaved
-(round-robin over cases) and the median of ``--runs`` is reported, with ratios to static.
-Not a test: prints a Markdown table.
+extension off for those runs via alwayson_scripts, loractl's off for ours). On SD.Next
+(``WEBUI_PATH`` an SD.Next checkout) the host's own ``@`` handling replaces loractl: the ramp with
+our extension off, which SD.Next evaluates once, at step 0 (it has no per-step path at 058a7f0c).
+Runs are interleaved (round-robin over cases) and the median of ``--runs`` is reported, with
+ratios to static. Not a test: prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ def main() -> None:
     args = ap.parse_args()
     url = args.url.rstrip("/")
     webui_path = os.environ.get("WEBUI_PATH")
+    from webui.server import webui_kind
+
+    kind = webui_kind(webui_path)
     if webui_path:
         from support.webui_networks import make_networks_for_webui
 
         make_networks_for_webui(
-            lambda path: get(url, path), lambda path: post(url, path, {}), Path(webui_path) / "models" / "Lora"
+            lambda path: get(url, path), lambda path: post(url, path, {}), Path(webui_path) / "models" / "Lora",
+            root=webui_path,
         )
     scripts = get(url, "/sdapi/v1/scripts")
     have_loractl = "dynamic lora weights" in [s.lower() for s in scripts.get("txt2img", [])]
@@ -72,6 +78,8 @@ def main() -> None:
                 ("loractl step", f"<lora:{net}:0@0,0@0.29,1@0.3>", net, ours_off),
                 ("loractl ramp", f"<lora:{net}:0@0,1@1>", net, ours_off),
             ]
+        if kind == "sdnext":
+            cases += [("SD.Next's own ramp (ours off)", f"<lora:{net}:0@0,1@1>", net, ours_off)]
     times: dict[tuple[str, str], list[float]] = {}
     base = dict(
         negative_prompt="",

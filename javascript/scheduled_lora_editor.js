@@ -6,8 +6,10 @@
  * prompt textarea in canonical form, and every change of the prompt (typing, "Send to", styles)
  * redraws the rows. Nothing here depends on a gradio version: the editor mounts into a plain
  * <div class="scheduled-lora-editor" data-tab="txt2img"> that the extension's script creates,
- * and reads the host's inputs through the selectors in CONFIG (Forge/SD.Next adapters override
- * them by defining window.ScheduledLoraEditorConfig before the page finishes loading).
+ * and reads the host's inputs through the selectors in CONFIG. A host adapter overrides them with
+ * the container's data-host-config attribute (JSON, merged into CONFIG before the first editor
+ * mounts; a null value removes an entry), or by defining window.ScheduledLoraEditorConfig before
+ * this file loads.
  *
  * The grammar (parsing, canonical text, per-step values) is javascript/scheduled_lora_grammar.js,
  * which A1111 loads after this file (alphabetical order), so it is looked up lazily.
@@ -1213,9 +1215,29 @@
     var booted = false;
     var pending = false;
 
+    var hostConfigApplied = false;
+
+    /** The host adapter's selectors and sampler table, from the first container that has them. */
+    function applyHostConfig(containers) {
+        if (hostConfigApplied) return;
+        for (var i = 0; i < containers.length; i++) {
+            var text = containers[i].getAttribute('data-host-config');
+            if (!text) continue;
+            hostConfigApplied = true;
+            try {
+                CONFIG = mergeConfig(CONFIG, JSON.parse(text));
+                if (window.ScheduledLoraEditor) window.ScheduledLoraEditor.config = CONFIG;
+            } catch (e) {
+                console.warn('Scheduled LoRA: ignoring an unreadable data-host-config', e);
+            }
+            return;
+        }
+    }
+
     function scan() {
         if (!grammar()) return; // loaded after this file in A1111: try again on the next tick
         var containers = appRoot().querySelectorAll(CONFIG.containerSelector);
+        applyHostConfig(containers);
         Array.prototype.forEach.call(containers, function (container) {
             if (container.__scheduledLoraEditor) return;
             var editor = new TabEditor(container);

@@ -7,9 +7,14 @@ from modules import script_callbacks, scripts, shared
 
 import lib_scheduled_lora
 from lib_scheduled_lora.hosts import a1111, xyz
+from lib_scheduled_lora.hosts.detect import host_kind
 
 
 def _axes(is_img2img: bool) -> dict[str, int]:
+    if host_kind() == "sdnext":
+        from lib_scheduled_lora.hosts.sdnext_script import xyz_axes
+
+        return xyz_axes(is_img2img)
     for data in scripts.scripts_data:
         if data.script_class.__module__ in ("xyz_grid.py", "xyz_grid") and hasattr(
             data.module, "axis_options"

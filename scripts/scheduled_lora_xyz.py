@@ -6,6 +6,7 @@ from __future__ import annotations
 from modules import script_callbacks, scripts
 
 from lib_scheduled_lora.hosts import xyz
+from lib_scheduled_lora.hosts.detect import host_kind
 
 
 def _xyz_module():
@@ -15,34 +16,21 @@ def _xyz_module():
     return None
 
 
-def _axis(module, label, rewrite, label_of):
-    short = label.split(": ", 1)[1]
-
-    def apply(p, x, xs):
-        if isinstance(p.prompt, str):
-            p.prompt = rewrite(p.prompt, x)
-        hr_prompt = getattr(p, "hr_prompt", "")
-        if isinstance(hr_prompt, str) and hr_prompt:
-            p.hr_prompt = rewrite(hr_prompt, x)
-
-    def format_value(p, opt, x):
-        return f"{short}: {label_of(x)}"
-
-    def confirm(p, xs):
-        for x in xs:
-            label_of(x)  # raises ScheduleSyntaxError naming the value and column
-
+def _axis(module, label):
+    apply, format_value, confirm = xyz.axis_callbacks(label)
     return module.AxisOption(label, str, apply, format_value=format_value, confirm=confirm)
 
 
 def register_axes():
+    if host_kind() == "sdnext":
+        return  # SD.Next's XYZ grid has other classes: hosts/sdnext_script.py registers there
     module = _xyz_module()
     if module is None:
         return
     present = {option.label for option in module.axis_options}
-    for label, (rewrite, label_of) in xyz.AXES.items():
+    for label in xyz.AXES:
         if label not in present:
-            module.axis_options.append(_axis(module, label, rewrite, label_of))
+            module.axis_options.append(_axis(module, label))
 
 
 # xyz_grid.py (the WebUI's own scripts/ folder) is loaded before extensions, so the axes can be

@@ -2,8 +2,9 @@
 
 Runs against tests/editor_page.html (same element ids as A1111's txt2img tab) and, when
 ``WEBUI_URL`` (a running WebUI) or ``WEBUI_PATH`` (a checkout to start on 127.0.0.1) is set,
-against the real A1111 UI too. Uses the system's Chromium (Debian package ``chromium``), never a
-downloaded browser; ``SCHEDULED_LORA_CHROMIUM`` overrides its path.
+against the real UI too (AUTOMATIC1111 or SD.Next, told apart by ``WEBUI_PATH``: the ids that differ
+are in ``UI``). Uses the system's Chromium (Debian package ``chromium``), never a downloaded
+browser; ``SCHEDULED_LORA_CHROMIUM`` overrides its path.
 
     apt-get install -y chromium && pip install playwright
     python -m pytest tests/test_editor_browser.py
@@ -20,7 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from webui.server import make_test_networks, running_webui
+from webui.server import current_kind, make_test_networks, running_webui
 
 HERE = Path(__file__).resolve().parent
 PAGE = HERE / "editor_page.html"
@@ -46,6 +47,23 @@ if _MISSING and os.environ.get("CI"):
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 SLOW = 30_000  # ms: generous, the CI machine is small and shared
+
+# What differs between the hosts' UIs (the stand-alone page has A1111's ids). Second-order samplers:
+# (name, where its extra evaluation sits: "end" at the next step, "mid" half-way).
+UI = {
+    "a1111": dict(
+        hires="#txt2img_hr-visible-checkbox", hires_steps="#txt2img_hires_steps input[type=number]",
+        img2img_tab="img2img", paste="#tab_txt2img #paste", second_order=[("DPM2", "mid"), ("DPM2 a", "end")],
+    ),
+    "sdnext": dict(
+        hires="#txt2img_enable_hr input[type=checkbox]", hires_steps="#txt2img_steps_alt input[type=number]",
+        img2img_tab="Image", paste="#txt2img_paste", second_order=[("KDPM2", "mid"), ("KDPM2 a", "end")],
+    ),
+}
+
+
+def ui(tab) -> dict:
+    return UI[current_kind() if tab.is_webui else "a1111"]
 
 
 # -- browser and hosts -------------------------------------------------------------------------
@@ -76,7 +94,14 @@ def page(request, browser):
     tab = browser.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: None if _known_host_error(exc) else errors.append(f"{exc}\n{exc.stack}"))
-    tab.goto(url)
+    if request.param == "webui" and current_kind() == "sdnext":
+        # SD.Next's UI keeps initialising for seconds after it shows (prompt checker, autocomplete,
+        # its local prompt store): an edit in that time may be lost, as a user's typing would be.
+        # Its startup logs "postStartup" to the console when done.
+        with tab.expect_console_message(lambda m: "postStartup" in m.text, timeout=120_000):
+            tab.goto(url)
+    else:
+        tab.goto(url)
     tab.wait_for_selector("#scheduled_lora_editor_txt2img.slora-mounted", state="attached", timeout=120_000)
     if request.param == "webui":
         _open_accordion(tab)
@@ -171,10 +196,13 @@ def set_steps(tab, steps: int) -> None:
 
 
 def set_hires(tab, on: bool, steps: int = 0) -> None:
-    box = tab.locator("#txt2img_hr-visible-checkbox")
+    box = tab.locator(ui(tab)["hires"])
     if box.is_checked() != on:
-        box.click()
-    set_input(tab, "#txt2img_hires_steps input[type=number]", steps)
+        if box.is_visible():
+            box.click()
+        else:  # SD.Next keeps it in a closed section: set it as gradio's own change does
+            box.evaluate("(el, on) => { el.checked = on; el.dispatchEvent(new Event('change', {bubbles: true})); }", on)
+    set_input(tab, ui(tab)["hires_steps"], steps)
 
 
 def wait_rows(tab, count: int) -> None:
@@ -377,13 +405,14 @@ def test_second_order_sampler_dots(page):
     choose_sampler(page, "Heun")
     page.wait_for_function("document.querySelectorAll('circle.slora-dot-extra').length === 19", timeout=SLOW)
     assert [u for u, _ in dots(page, cls="slora-dot-extra")] == list(range(1, 20))
-    choose_sampler(page, "DPM2")
+    (midpoint, _), (ancestral, _) = ui(page)["second_order"]
+    choose_sampler(page, midpoint)
     page.wait_for_function("document.querySelector('circle.slora-dot-extra').dataset.step === '0.5'", timeout=SLOW)
     extra = dots(page, cls="slora-dot-extra")
     assert [u for u, _ in extra] == [i + 0.5 for i in range(19)]
     assert extra[0][1] == pytest.approx(0.5 / 19)
     # Ancestral DPM2 at eta 1 evaluates its midpoint at the next step's sigma (as Heun).
-    choose_sampler(page, "DPM2 a")
+    choose_sampler(page, ancestral)
     page.wait_for_function("document.querySelector('circle.slora-dot-extra').dataset.step === '1'", timeout=SLOW)
     assert [u for u, _ in dots(page, cls="slora-dot-extra")] == list(range(1, 20))
 
@@ -400,7 +429,18 @@ def test_external_prompt_change_without_events_is_picked_up(page):
 
 
 def _png_parameters(data: bytes) -> str:
-    """The 'parameters' text chunk of a PNG (what A1111 writes as infotext)."""
+    """The infotext of an image: a PNG's 'parameters' text chunk (A1111), or a JPEG's EXIF
+    UserComment (SD.Next's gallery serves JPEGs)."""
+    if data[:2] == b"\xff\xd8":
+        import io
+
+        from PIL import Image
+
+        comment = Image.open(io.BytesIO(data)).getexif().get_ifd(0x8769).get(0x9286, b"")
+        if isinstance(comment, bytes):
+            head, body = comment[:8], comment[8:]
+            return body.decode("utf-16-be" if head.startswith(b"UNICODE") else "latin-1", errors="replace")
+        return str(comment)
     pos = 8
     while pos < len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
@@ -457,7 +497,7 @@ def test_img2img_tab_has_its_own_editor(page):
     """The img2img accordion's editor follows the img2img prompt, not the txt2img one."""
     if not page.is_webui:
         pytest.skip("needs the real WebUI (WEBUI_PATH or WEBUI_URL)")
-    page.locator("#tabs > .tab-nav button", has_text="img2img").click()
+    page.locator("#tabs > .tab-nav button", has_text=ui(page)["img2img_tab"]).click()
     editor = "#scheduled_lora_editor_img2img"
     _open_accordion(page, "img2img")
     page.fill("#img2img_prompt textarea", "a dog <lora:x:0@0.3:1> <lora:y:0.5>")
@@ -495,20 +535,23 @@ def test_webui_infotext_paste_restores_our_settings(page):
         "Steps: 7, Sampler: Euler, Seed: 5, Size: 64x64, Scheduled LoRA: off, Scheduled LoRA mode: bypass"
     )
     set_prompt(page, infotext)
-    page.locator("#tab_txt2img #paste").click()
+    page.locator(ui(page)["paste"]).click()
     wait_prompt(page, "a cat <lora:wday:0@0.3:1>")
     page.wait_for_function(
         "() => !document.querySelector('#scheduled_lora_enabled_txt2img input[type=checkbox]').checked", timeout=SLOW
     )
     assert page.input_value("#txt2img_steps input[type=number]") == "7"
     overrides = page.locator("#txt2img_override_settings")
-    overrides.wait_for(state="visible", timeout=SLOW)
-    assert "Scheduled LoRA mode: bypass" in overrides.inner_text()
+    page.wait_for_function(  # SD.Next keeps the overrides in a closed section: read the text, not the view
+        "() => (document.querySelector('#txt2img_override_settings').textContent || '').includes('Scheduled LoRA mode: bypass')",
+        timeout=SLOW,
+    )
+    assert "Scheduled LoRA mode: bypass" in overrides.text_content()
     wait_rows(page, 1)
     assert handles(page) == [(0.3, 0), (0.3, 1)]
     # An infotext without our key (made with the switch on) turns it back on.
     set_prompt(page, "a dog <lora:wday:0@0.3:1>\nSteps: 6, Sampler: Euler, Seed: 5, Size: 64x64")
-    page.locator("#tab_txt2img #paste").click()
+    page.locator(ui(page)["paste"]).click()
     wait_prompt(page, "a dog <lora:wday:0@0.3:1>")
     page.wait_for_function(
         "() => document.querySelector('#scheduled_lora_enabled_txt2img input[type=checkbox]').checked", timeout=SLOW

@@ -60,3 +60,33 @@ def test_networks_for_a_running_webui_use_its_loaded_checkpoint(tmp_path):
     finally:
         fixtures.make_networks = original
     assert seen == [str(tmp_path / "b.safetensors")] and posted == ["/sdapi/v1/refresh-loras"]
+
+    # SD.Next names its diffusers folders relative to its root ("models/Diffusers/<name>").
+    api["/sdapi/v1/sd-models"] = [{"title": "Diffusers/c", "model_name": "Diffusers/c", "filename": "models/Diffusers/c"}]
+    api["/sdapi/v1/options"] = {"sd_model_checkpoint": "Diffusers/c"}
+    fixtures.make_networks = fake_make
+    try:
+        make_networks_for_webui(api.get, posted.append, tmp_path / "Lora", root="/sdnext")
+    finally:
+        fixtures.make_networks = original
+    assert seen[-1] == "/sdnext/models/Diffusers/c"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_fixture_networks_for_a_diffusers_folder_land_on_its_components(tmp_path, family):
+    """SD.Next's models are diffusers folders (unet/, text_encoder/, text_encoder_2/)."""
+    model = tiny_sd(family)
+    folder = tmp_path / "model"
+    for name, module in model.components.items():
+        (folder / name).mkdir(parents=True)
+        filename = "diffusion_pytorch_model.safetensors" if name == "unet" else "model.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / name / filename))
+    paths = make_networks(folder, tmp_path / "Lora", text_encoder=True, prefix=family)
+    shapes = {k: tuple(v.shape) for k, v in model.diffusers_state_dict().items()}
+    for kind, path in paths.items():
+        mapping = map_network(load_network(path).modules, shapes)
+        assert mapping.unmatched == [], mapping.unmatched_reasons[:3]
+        components = {t.component for t in mapping.targets}
+        assert components >= ({"unet", "te", "te2"} if family == "sdxl" else {"unet", "te"})
+        if kind.endswith(("locon", "loha")):
+            assert any(len(shapes[t.weight]) == 4 and shapes[t.weight][2] == 3 for t in mapping.targets)  # 3x3 convs

@@ -154,14 +154,24 @@ def grid_for_call(kwargs: Mapping[str, Any], launch_steps: int | None, func_name
 # -- diffusers schedulers ---------------------------------------------------------------------
 
 
-def scheduler_grid(scheduler: Any) -> PassGrid:
+def scheduler_grid(scheduler: Any, evaluations: int | None = None) -> PassGrid:
     """The pass grid of a diffusers scheduler after ``set_timesteps``: its main steps' timesteps
-    (:func:`step_grid`), ``num_inference_steps`` steps. Duck-typed: no diffusers import."""
+    (:func:`step_grid`), ``num_inference_steps`` steps. Duck-typed: no diffusers import.
+
+    ``evaluations``: how many of the scheduler's timesteps the pipeline runs, when it starts part
+    of the way (img2img and hires pipelines run the last ``strength`` of them, and announce the
+    count as their ``num_timesteps``). The pass is then those steps only, as a WebUI's img2img
+    pass is: its first evaluation is step 0 of the schedule.
+    """
     steps = int(getattr(scheduler, "num_inference_steps", None) or 1)
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0:
         return PassGrid(COUNT, (), steps)
-    return PassGrid(TIMESTEP, tuple(step_grid(timesteps, int(getattr(scheduler, "order", 1) or 1))), steps)
+    order = int(getattr(scheduler, "order", 1) or 1)
+    if evaluations is not None and 0 < evaluations < len(timesteps):
+        grid = step_grid(list(timesteps)[len(timesteps) - evaluations :], order)
+        return PassGrid(TIMESTEP, tuple(grid), len(grid))
+    return PassGrid(TIMESTEP, tuple(step_grid(timesteps, order)), steps)
 
 
 def noise_level(value: Any) -> float | None:

@@ -46,6 +46,9 @@ from lib_scheduled_lora.hosts.ownership import (
     scheduled_tags,
     validate_prompts,
 )
+from lib_scheduled_lora.hosts.patching import ORIGINAL_ATTR
+from lib_scheduled_lora.hosts.patching import set_wrapper as _set_wrapper
+from lib_scheduled_lora.hosts.patching import unwrapped as _unwrapped
 
 log = logging.getLogger("scheduled_lora")
 
@@ -54,7 +57,6 @@ DEFAULT_CACHE_MB = 2048
 INFOTEXT_ENABLED = "Scheduled LoRA"
 INFOTEXT_MODE = "Scheduled LoRA mode"
 STATE_ATTR = "scheduled_lora_state"
-ORIGINAL_ATTR = "_scheduled_lora_original"
 
 
 def _patched_types() -> tuple[type, ...]:
@@ -210,24 +212,6 @@ class GenerationState:
     passes: list[PassRecord] = field(default_factory=list)
     trace: list[Evaluation] = field(default_factory=list)
     warned_batches: set = field(default_factory=set)
-
-
-def _unwrapped(method: Any) -> Any:
-    return getattr(method, ORIGINAL_ATTR, method)
-
-
-def _set_wrapper(p: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-    """Install ``make(original)`` as ``p.<name>``. ``original`` is the class's method bound to
-    this ``p`` (or another extension's wrapper); our own wrapper from a copied ``p`` (XYZ cells
-    are shallow copies) is replaced, never stacked."""
-    current = p.__dict__.get(name)
-    if current is None or getattr(current, ORIGINAL_ATTR, None) is not None:
-        original = getattr(type(p), name).__get__(p, type(p))
-    else:
-        original = current
-    wrapper = make(original)
-    setattr(wrapper, ORIGINAL_ATTR, original)
-    setattr(p, name, wrapper)
 
 
 def _resync_hook(session: PassSession, module: Any, args: tuple) -> None:

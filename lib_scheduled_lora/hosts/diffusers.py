@@ -58,13 +58,23 @@ class PipelineState:
 _PIPELINES: weakref.WeakKeyDictionary[Any, PipelineState] = weakref.WeakKeyDictionary()
 
 
+def pipeline_parts(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's components that networks change, by the names :mod:`naming` reads."""
+    return {n: getattr(pipe, n) for n in COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+
+
+def unet_timestep(args: tuple, kwargs: dict) -> float | None:
+    """The timestep of one UNet call (a forward pre-hook's arguments: ``unet(sample, timestep, ...)``)."""
+    return noise_level(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+
+
 class DiffusersHost:
     """:class:`~lib_scheduled_lora.core.session.HostAdapter` for a diffusers pipeline."""
 
     def __init__(self, pipe: Any, settings: EngineSettings):
         self.pipe = pipe
         self._settings = settings
-        self.parts = {n: getattr(pipe, n) for n in COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+        self.parts = pipeline_parts(pipe)
         # A ModuleDict only groups the existing modules (no copy).
         self._model = nn.ModuleDict(self.parts)
 
@@ -147,7 +157,7 @@ class AttachedSchedules:
             self._session = self._pass.enter_context(self.runtime.sampling_pass(self.networks, grid, trace=self.trace))
         if self._session is None:
             return
-        self._session.evaluate(noise_level(kwargs.get("timestep", args[1] if len(args) > 1 else None)))
+        self._session.evaluate(unet_timestep(args, kwargs))
 
     def close(self) -> None:
         for handle in self._handles:

@@ -259,24 +259,34 @@ def validate_prompts(
     tags: TagIndex,
     *,
     check_names: bool = True,
+    host_only: Callable[[str], bool] | None = None,
+    check: Callable[[str, NetworkTag], None] | None = None,
 ) -> list[NetworkTag]:
     """Raise the first problem of any prompt's network tags, before anything is sampled.
 
     Problems: a malformed tag (ScheduleSyntaxError, naming tag, text and column); a network name
     the host does not know (MissingNetworkError; the host itself only logs it); a scheduled tag
-    whose file is not ``.safetensors`` (NotSafetensorsError). Returns our tags, all prompts.
+    whose file is not ``.safetensors`` (NotSafetensorsError); what ``check(text, tag)`` refuses
+    (default: :func:`check_arguments` on our tags; a host may refuse more, also on plain tags).
+    Tags for which ``host_only(text)`` holds are the host's own syntax and are not looked at.
+    Returns our tags, all prompts.
     """
     ours: list[NetworkTag] = []
     seen: set[str] = set()
     for prompt in prompts:
         for match in tags.in_prompt(prompt):
+            if host_only is not None and host_only(match.text):
+                continue
             if match.error is not None:
                 raise match.error
             tag = match.tag
             assert tag is not None
             scheduled = is_ours(tag)
-            if scheduled:
+            if check is not None:
+                check(match.text, tag)
+            elif scheduled:
                 check_arguments(match.text, tag)
+            if scheduled:
                 ours.append(tag)
             if not check_names or (match.text in seen):
                 continue
@@ -294,11 +304,12 @@ def validate_prompts(
     return ours
 
 
-def batch_warning(prompts: Sequence[str | None], tags: TagIndex) -> str | None:
+def batch_warning(prompts: Sequence[str | None], tags: TagIndex, used: int = 0) -> str | None:
     """A message when the prompts of one batch ask for different scheduled tags.
 
-    The host activates the first prompt's networks for the whole batch (``parse_prompts``); so do
-    we, and say so.
+    The host activates one prompt's networks for the whole batch (``parse_prompts``: A1111 and
+    Forge the first prompt's, SD.Next the last one with any network tag: ``used``, 0-based); so
+    do we, and say so.
     """
     if len(prompts) < 2:
         return None
@@ -306,11 +317,12 @@ def batch_warning(prompts: Sequence[str | None], tags: TagIndex) -> str | None:
     def key(prompt: str | None) -> tuple[str, ...]:
         return tuple(m.tag.format() for m in tags.in_prompt(prompt) if m.tag is not None and is_ours(m.tag))
 
-    first = key(prompts[0])
-    differing = [i + 1 for i, prompt in enumerate(prompts) if key(prompt) != first]
+    chosen = key(prompts[used])
+    differing = [i + 1 for i, prompt in enumerate(prompts) if key(prompt) != chosen]
     if not differing:
         return None
     return (
         f"Scheduled LoRA: prompt(s) {', '.join(map(str, differing))} of this batch ask for other schedules than "
-        f"prompt 1 ({' '.join(first) or 'none'}); like the host, the whole batch uses prompt 1's networks"
+        f"prompt {used + 1} ({' '.join(chosen) or 'none'}); like the host, the whole batch uses prompt "
+        f"{used + 1}'s networks"
     )

@@ -11,11 +11,14 @@ inside one value with ``;`` (``0@0;1@0.5``) or quote the value (``"0@0,1@0.5"``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from lib_scheduled_lora.core import tag_edits
 from lib_scheduled_lora.core.tag_edits import number_label, schedule_label, split_name, with_switch
 from lib_scheduled_lora.hosts.ownership import is_ours
 
-__all__ = ["AXES", "number_label", "schedule_label", "split_name", "with_switch"]
+__all__ = ["AXES", "axis_callbacks", "number_label", "schedule_label", "split_name", "with_switch"]
 
 
 def apply_schedule(prompt: str, value: str) -> str:
@@ -55,3 +58,30 @@ AXES = {
     "Scheduled LoRA: te strength": (apply_te, number_label),
     "Scheduled LoRA: unet strength": (apply_unet, number_label),
 }
+
+
+def axis_callbacks(label: str) -> tuple[Callable[[Any, str, list], None], Callable[[Any, Any, str], str], Callable[[Any, list], None]]:
+    """``(apply(p, x, xs), format_value(p, opt, x), confirm(p, xs))`` of the axis ``label``, as
+    every WebUI's XYZ grid calls them (each host wraps them in its own ``AxisOption``).
+
+    ``apply`` rewrites the cell's prompt and hires prompt; ``confirm`` raises ScheduleSyntaxError
+    (naming the value and column) before the grid starts.
+    """
+    rewrite, label_of = AXES[label]
+    short = label.split(": ", 1)[1]
+
+    def apply(p: Any, x: str, xs: list) -> None:
+        if isinstance(p.prompt, str):
+            p.prompt = rewrite(p.prompt, x)
+        hr_prompt = getattr(p, "hr_prompt", "")
+        if isinstance(hr_prompt, str) and hr_prompt:
+            p.hr_prompt = rewrite(hr_prompt, x)
+
+    def format_value(p: Any, opt: Any, x: str) -> str:
+        return f"{short}: {label_of(x)}"
+
+    def confirm(p: Any, xs: list) -> None:
+        for x in xs:
+            label_of(x)
+
+    return apply, format_value, confirm

@@ -146,35 +146,67 @@ _UNET_CONV = re.compile(
 _TE_LAYER = re.compile(r"_text_model_encoder_layers_\d+_(?:self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
 
 
+# The same layers in a diffusers-format model folder (SD.Next's models/Diffusers/<name>).
+_DIFFUSERS_LINEAR = re.compile(r"^unet\.(.+\.(?:to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2))\.weight$")
+_DIFFUSERS_CONV = re.compile(
+    r"^unet\.(.+_blocks\.\d+\.(?:resnets\.\d+\.(?:conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv))\.weight$"
+)
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _tensor_files(model: Path) -> dict[str, Path]:
+    """{weight name: file} of a single-file checkpoint, or of a diffusers folder's UNet and text
+    encoders (names prefixed ``unet.`` / ``text_encoder.`` / ``text_encoder_2.``, as the engine
+    sees a pipeline's components)."""
+    from safetensors import safe_open
+
+    if model.is_file():
+        with safe_open(str(model), framework="pt") as f:
+            return {key: model for key in f.keys()}
+    files = {}
+    for component in DIFFUSERS_COMPONENTS:
+        for path in sorted((model / component).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                files.update({f"{component}.{key}": path for key in f.keys()})
+    return files
+
+
 def checkpoint_layers(checkpoint: str | Path, text_encoder: bool = False) -> tuple[list[Layer], list[Layer]]:
-    """(attention/feed-forward layers, 3x3/1x1 convolutions) of an ldm/sgm checkpoint, named the
-    first way the engine's model index names each weight (the checkpoint's own layout), with each
-    weight's spread."""
+    """(attention/feed-forward layers, 3x3/1x1 convolutions) of an ldm/sgm checkpoint or a
+    diffusers model folder, named the first way the engine's model index names each weight (the
+    model's own layout), with each weight's spread."""
     from safetensors import safe_open
 
     from lib_scheduled_lora.core.naming import UNET, Slot, model_index
 
+    model = Path(checkpoint)
+    files = _tensor_files(model)
+    linear_re, conv_re = (_UNET_LINEAR, _UNET_CONV) if model.is_file() else (_DIFFUSERS_LINEAR, _DIFFUSERS_CONV)
+    shapes = {}
+    for key, path in files.items():
+        with safe_open(str(path), framework="pt") as f:
+            shapes[key] = tuple(f.get_slice(key.split(".", 1)[1] if not model.is_file() else key).get_shape())
+    index = model_index(shapes)
+    names: dict[Slot, str] = {}
+    for name, slot in index.slots.items():
+        names.setdefault(slot, name)
     linear: list[Layer] = []
     conv: list[Layer] = []
-    with safe_open(str(checkpoint), framework="pt") as f:
-        index = model_index({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-        names: dict[Slot, str] = {}
-        for name, slot in index.slots.items():
-            names.setdefault(slot, name)
-        for slot, key in names.items():
-            is_conv = slot.component == UNET and bool(_UNET_CONV.match(slot.weight))
-            if slot.component == UNET:
-                if not (is_conv or _UNET_LINEAR.match(slot.weight)):
-                    continue
-            elif not (text_encoder and _TE_LAYER.search(key)):
+    for slot, key in names.items():
+        is_conv = slot.component == UNET and bool(conv_re.match(slot.weight))
+        if slot.component == UNET:
+            if not (is_conv or linear_re.match(slot.weight)):
                 continue
-            weight = f.get_tensor(slot.weight).float()
-            if slot.rows is not None:
-                weight = weight[slot.rows[0] : slot.rows[1]]
-            if weight.dim() not in (2, 4):
-                continue
-            layer = Layer(key, tuple(weight.shape), max(float(weight.std()), 1e-4))
-            (conv if is_conv else linear).append(layer)
+        elif not (text_encoder and _TE_LAYER.search(key)):
+            continue
+        with safe_open(str(files[slot.weight]), framework="pt") as f:
+            weight = f.get_tensor(slot.weight.split(".", 1)[1] if not model.is_file() else slot.weight).float()
+        if slot.rows is not None:
+            weight = weight[slot.rows[0] : slot.rows[1]]
+        if weight.dim() not in (2, 4):
+            continue
+        layer = Layer(key, tuple(weight.shape), max(float(weight.std()), 1e-4))
+        (conv if is_conv else linear).append(layer)
     return linear, conv
 
 

@@ -2,16 +2,17 @@
 
 A kohya LoRA (the attention and feed-forward Linear layers; the text encoder's too with
 ``text_encoder=True``), a LoCon (also every 3x3/1x1 convolution) and a LoHa (the LoCon's layers)
-for an SD 1.x, SD 2.x or SDXL single-file checkpoint, from the one random-network writer
-(:mod:`support.random_networks`), named in the checkpoint's own ldm/sgm layout
-(``lora_unet_input_blocks_1_1_proj_in``), which A1111's builtin Lora and this extension both
-resolve. ΔW is about a quarter of each layer's spread: a schedule visibly changes a tiny random
-model's images. The text encoder is left out by default because a random tiny checkpoint's UNet
+for an SD 1.x, SD 2.x or SDXL single-file checkpoint or diffusers model folder, from the one
+random-network writer (:mod:`support.random_networks`), named in the model's own layout
+(``lora_unet_input_blocks_1_1_proj_in``, ``lora_unet_down_blocks_1_attentions_0_proj_in``), which
+the WebUIs' own Lora and this extension all resolve. ΔW is about a quarter of each layer's
+spread: a schedule visibly changes a tiny random model's images. The text encoder is left out by default because a random tiny checkpoint's UNet
 turns some perturbed conditionings into NaNs (the host's own Lora included).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,15 @@ def make_networks(
 
 
 def make_networks_for_webui(
-    get: Callable[[str], Any], post: Callable[[str], Any], lora_dir: str | Path, checkpoint: str | None = None
+    get: Callable[[str], Any],
+    post: Callable[[str], Any],
+    lora_dir: str | Path,
+    checkpoint: str | None = None,
+    root: str | Path = ".",
 ) -> dict[str, Path]:
     """:func:`make_networks` for the checkpoint a running WebUI has loaded (or ``checkpoint``),
-    into its ``lora_dir``, then let it rescan. ``get``/``post`` call its API by path."""
+    into its ``lora_dir``, then let it rescan. ``get``/``post`` call its API by path; a relative
+    file name (SD.Next's ``models/Diffusers/<name>``) is relative to the WebUI's ``root``."""
     if checkpoint is None:
         models = get("/sdapi/v1/sd-models")
         # The option holds a title, "name.safetensors [hash]"; the hash part may be missing.
@@ -52,7 +58,7 @@ def make_networks_for_webui(
         checkpoint = next(
             (m["filename"] for m in models if m["title"].split(" [")[0] == loaded), models[0]["filename"]
         )
-    paths = make_networks(checkpoint, lora_dir)
+    paths = make_networks(os.path.join(root, checkpoint), lora_dir)  # an absolute name stays as it is
     post("/sdapi/v1/refresh-loras")
     return paths
 

@@ -6,6 +6,11 @@ import threading
 import time
 
 import numpy as np
+import pytest
+
+from .server import current_kind
+
+pytestmark = pytest.mark.skipif(current_kind() == "sdnext", reason="AUTOMATIC1111's API and samplers; SD.Next: test_sdnext.py")
 
 
 def same(a, b) -> bool:

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .server import current_kind
+
+pytestmark = pytest.mark.skipif(current_kind() == "sdnext", reason="AUTOMATIC1111's checkpoints; SD.Next: test_sdnext.py")
+
 CKPTS = [c.strip() for c in os.environ.get("WEBUI_FAMILY_CKPTS", "").split(",") if c.strip()]
 
 
