@@ -79,3 +79,12 @@ class MissingNetworkError(ScheduledLoraError):
 
 class NotSafetensorsError(ScheduledLoraError):
     """A scheduled tag names a network stored in a pickle format (.pt/.ckpt): never unpickled."""
+
+
+class HostLayoutError(ScheduledLoraError):
+    """The host's internals are not the ones this adapter knows (a Forge build whose LoRA patcher
+    looks different): scheduled tags are refused rather than written the wrong way."""
+
+
+class UnsupportedModelError(ScheduledLoraError):
+    """The loaded model is of a family the name mapping does not cover (Flux, SD3, ... on Forge)."""

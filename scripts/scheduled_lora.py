@@ -10,3 +10,5 @@ HOST = host_kind()
 
 if HOST == "a1111":
     from lib_scheduled_lora.hosts.a1111_script import *  # noqa: F403 - the host looks for the Script class here
+elif HOST == "forge":
+    from lib_scheduled_lora.hosts.forge_script import *  # noqa: F403 - the host looks for the Script class here

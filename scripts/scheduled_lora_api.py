@@ -3,6 +3,8 @@ build ``script_args`` for the "x/y/z plot" script)."""
 
 from __future__ import annotations
 
+import sys
+
 from modules import script_callbacks, scripts, shared
 
 import lib_scheduled_lora
@@ -10,18 +12,15 @@ from lib_scheduled_lora.hosts import a1111, xyz
 
 
 def _axes(is_img2img: bool) -> dict[str, int]:
-    for data in scripts.scripts_data:
-        if data.script_class.__module__ in ("xyz_grid.py", "xyz_grid") and hasattr(
-            data.module, "axis_options"
-        ):
-            module = data.module
-            options = [
-                x
-                for x in module.axis_options
-                if type(x) is module.AxisOption or getattr(x, "is_img2img", None) == is_img2img
-            ]
-            return {x.label: i for i, x in enumerate(options) if x.label in xyz.AXES}
-    return {}
+    module = xyz.find_xyz_module(scripts.scripts_data, sys.modules)
+    if module is None:
+        return {}
+    options = [
+        x
+        for x in module.axis_options
+        if type(x) is module.AxisOption or getattr(x, "is_img2img", None) == is_img2img
+    ]
+    return {x.label: i for i, x in enumerate(options) if x.label in xyz.AXES}
 
 
 def on_app_started(demo, app):
