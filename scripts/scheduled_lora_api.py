@@ -9,6 +9,9 @@ from modules import script_callbacks, scripts, shared
 
 import lib_scheduled_lora
 from lib_scheduled_lora.hosts import a1111, xyz
+from lib_scheduled_lora.hosts.detect import host_kind
+
+HOST = host_kind()
 
 
 def _axes(is_img2img: bool) -> dict[str, int]:
@@ -31,7 +34,15 @@ def on_app_started(demo, app):
             "mode": getattr(shared.opts, "scheduled_lora_mode", a1111.DEFAULT_MODE),
             "cache_mb": getattr(shared.opts, "scheduled_lora_cache_mb", a1111.DEFAULT_CACHE_MB),
             "xyz_axes": {"txt2img": _axes(False), "img2img": _axes(True)},
+            "host": HOST,
+            "forge": _forge() if HOST == "forge" else None,
         }
+
+
+def _forge():
+    from lib_scheduled_lora.hosts.forge_script import integration
+
+    return integration.describe()
 
 
 script_callbacks.on_app_started(on_app_started)

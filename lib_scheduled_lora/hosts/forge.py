@@ -663,6 +663,18 @@ class ForgeIntegration(A1111Integration):
         self.online_current = None
         return count
 
+    def describe(self) -> dict[str, Any]:
+        """For ``/scheduled-lora/v1/info``: the layout and where our networks go, for the loaded model."""
+        try:
+            layout = detect_layout(self.host.objects().unet)
+        except (AttributeError, HostLayoutError) as exc:
+            return {"layout": None, "problem": str(exc)}
+        return {
+            "layout": layout.name,
+            "family": self.host.family(),
+            "on_the_fly": {"unet": self.online("unet"), "te": self.online("te")},
+        }
+
     # -- conditioning ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -1,9 +1,13 @@
-"""A real AUTOMATIC1111 WebUI for the integration tests (tests/webui) and the browser tests
+"""A real WebUI for the integration tests (tests/webui) and the browser tests
 (tests/test_editor_browser.py): reuse ``WEBUI_URL``, or start ``WEBUI_PATH``'s ``launch.py`` on
 127.0.0.1 with this extension linked into its extensions/, and stop it afterwards.
 
+The kind of WebUI is read from the checkout (:func:`host_kind`), never configured: AUTOMATIC1111,
+Forge main, Forge Neo or SD.Next; tests meant for another kind skip with the reason.
+
 Environment: WEBUI_PATH, WEBUI_URL, WEBUI_PYTHON (the WebUI's interpreter, default this one),
-WEBUI_ARGS (extra flags), WEBUI_START_TIMEOUT (seconds, default 600).
+WEBUI_ARGS (extra flags, e.g. ``--always-cpu`` for Forge main or ``--cpu`` for Neo on a machine
+without a GPU), WEBUI_START_TIMEOUT (seconds, default 600).
 """
 
 from __future__ import annotations
@@ -24,6 +28,44 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSION = "sd-webui-scheduled-lora"
+
+
+A1111, FORGE, NEO, SDNEXT = "a1111", "forge", "neo", "sdnext"
+KIND_NAMES = {A1111: "AUTOMATIC1111", FORGE: "Forge main", NEO: "Forge Neo", SDNEXT: "SD.Next"}
+
+
+def host_kind(path: str | os.PathLike | None = None) -> str | None:
+    """The kind of WebUI checkout at ``path`` (default ``WEBUI_PATH``; None without one), from its
+    files: SD.Next has ``installer.py`` at the top; Forge has ``modules_forge/``, and Neo's patcher
+    (ComfyUI's) keeps a ``patches_uuid`` where Forge main's has a LoraLoader."""
+    path = path or os.environ.get("WEBUI_PATH")
+    if not path:
+        return None
+    root = Path(path)
+    if (root / "installer.py").is_file():
+        return SDNEXT
+    if (root / "modules_forge").is_dir():
+        base = root / "backend" / "patcher" / "base.py"
+        return NEO if base.is_file() and "patches_uuid" in base.read_text(errors="replace") else FORGE
+    return A1111
+
+
+def require_kind(*kinds: str) -> None:
+    """Skip the calling test unless the WebUI under test is one of ``kinds``."""
+    kind = host_kind()
+    if kind not in kinds:
+        wanted = " or ".join(KIND_NAMES[k] for k in kinds)
+        pytest.skip(f"for {wanted}; WEBUI_PATH is {KIND_NAMES.get(kind or '', 'not set')}")
+
+
+# Flags every start needs on each kind (on top of the API/port ones): Forge checks the Python
+# version and main downloads a default checkpoint unless told not to.
+KIND_FLAGS = {
+    A1111: [],
+    FORGE: ["--skip-python-version-check", "--no-download-sd-model"],
+    NEO: ["--skip-python-version-check"],
+    SDNEXT: [],
+}
 
 
 def _free_port() -> int:
@@ -51,7 +93,9 @@ def running_webui(*, ui: bool, need_path: bool) -> Iterator[str]:
     neither WEBUI_URL nor WEBUI_PATH is set, or without WEBUI_PATH when ``need_path``."""
     path, url = os.environ.get("WEBUI_PATH"), os.environ.get("WEBUI_URL")
     if not path and (need_path or not url):
-        pytest.skip("set WEBUI_PATH to an AUTOMATIC1111 stable-diffusion-webui checkout (and WEBUI_URL to reuse a running one)")
+        pytest.skip(
+            "set WEBUI_PATH to a WebUI checkout (AUTOMATIC1111, Forge main or Forge Neo; WEBUI_URL to reuse a running one)"
+        )
     if path:
         link = Path(path) / "extensions" / EXTENSION
         if not link.exists():
@@ -65,6 +109,7 @@ def running_webui(*, ui: bool, need_path: bool) -> Iterator[str]:
             "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
             *([] if ui else ["--nowebui"]),
             "--api", "--server-name", "127.0.0.1", "--port", str(port),
+            *KIND_FLAGS[host_kind(path) or A1111],
             *shlex.split(os.environ.get("WEBUI_ARGS", "")),
         ]
         log = open(Path(path) / "scheduled_lora_tests.log", "w")  # noqa: SIM115
