@@ -33,11 +33,9 @@ def forge_info(webui):
 @pytest.fixture(scope="module")
 def te_network(webui, forge_info):
     """A LoRA with text-encoder layers (the full-width SD 1.5 encoder takes it without NaNs)."""
-    from support.webui_networks import make_networks
+    from support.webui_networks import loaded_checkpoint, make_networks
 
-    _, models = webui.get("/sdapi/v1/sd-models")
-    loaded = webui.get("/sdapi/v1/options")[1]["sd_model_checkpoint"].split(" [")[0]
-    checkpoint = next(m["filename"] for m in models if m["title"].split(" [")[0] == loaded)
+    checkpoint = loaded_checkpoint(lambda path: webui.get(path)[1])
     make_networks(checkpoint, Path(os.environ["WEBUI_PATH"]) / "models" / "Lora", text_encoder=True, prefix="slte")
     webui.post("/sdapi/v1/refresh-loras", {})
     return "slte_lora"
