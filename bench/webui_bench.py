@@ -8,6 +8,11 @@ and loractl's ramp/step (``0@0,1@1`` and ``0@0,0@0.29,1@0.3``) when loractl is i
 extension off for those runs via alwayson_scripts, loractl's off for ours). On SD.Next
 (``WEBUI_PATH`` an SD.Next checkout) the host's own ``@`` handling replaces loractl: the ramp with
 our extension off, which SD.Next evaluates once, at step 0 (it has no per-step path at 058a7f0c).
+On Forge main and Forge Neo (the kind read from ``/scheduled-lora/v1/info``) the references are
+the host's own static tag, a per-step ``refresh_loras`` port (``--refresh-port``, after linking
+``bench/forge_refresh_port`` into the WebUI's extensions/) and Neo's built-in "LoRA Control"
+(``<lora:x:[0@0,1@1]>``) when that build has it; the table says whether the server applies LoRAs
+baked or on the fly (an "(fp16 LoRA)" storage option at start-up).
 Runs are interleaved (round-robin over cases) and the median of ``--runs`` is reported, with
 ratios to static. Not a test: prints a Markdown table.
 """
@@ -46,12 +51,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--refresh-port", action="store_true", help="Forge: also time bench/forge_refresh_port")
+    ap.add_argument("--networks", default="sl_lora,sl_locon")
     args = ap.parse_args()
     url = args.url.rstrip("/")
     webui_path = os.environ.get("WEBUI_PATH")
-    from webui.server import webui_kind
+    from webui.server import current_kind
 
-    kind = webui_kind(webui_path)
+    kind = current_kind()
     if webui_path:
         from support.webui_networks import make_networks_for_webui
 
@@ -59,15 +66,21 @@ def main() -> None:
             lambda path: get(url, path), lambda path: post(url, path, {}), Path(webui_path) / "models" / "Lora",
             root=webui_path,
         )
-    scripts = get(url, "/sdapi/v1/scripts")
-    have_loractl = "dynamic lora weights" in [s.lower() for s in scripts.get("txt2img", [])]
+    scripts = [s.lower() for s in get(url, "/sdapi/v1/scripts").get("txt2img", [])]
+    info = get(url, "/scheduled-lora/v1/info")
+    forge = info.get("forge") or None
+    have_loractl = "dynamic lora weights" in scripts
+    have_port = args.refresh_port and "refresh port" in scripts
+    have_neo_control = "lora control integrated" in scripts
+    if args.refresh_port and not have_port:
+        sys.exit("--refresh-port: link bench/forge_refresh_port into the WebUI's extensions/ and restart it")
     ours_on = {"scheduled lora": {"args": [True]}}
     ours_off = {"scheduled lora": {"args": [False]}}
     if have_loractl:
         ours_on["dynamic lora weights"] = {"args": [False, False]}
         ours_off["dynamic lora weights"] = {"args": [True, False]}
     cases = [("no LoRA", "", "-", ours_on)]
-    for net in ("sl_lora", "sl_locon"):
+    for net in args.networks.split(","):
         cases += [
             ("static", f"<lora:{net}:1>", net, ours_on),
             ("step 0@0.3:1", f"<lora:{net}:0@0.3:1>", net, ours_on),
@@ -80,6 +93,16 @@ def main() -> None:
             ]
         if kind == "sdnext":
             cases += [("SD.Next's own ramp (ours off)", f"<lora:{net}:0@0,1@1>", net, ours_off)]
+        if have_port:
+            cases += [
+                ("refresh port step", "", net, dict(ours_on, **{"refresh port": {"args": [net, "step"]}})),
+                ("refresh port ramp", "", net, dict(ours_on, **{"refresh port": {"args": [net, "ramp"]}})),
+            ]
+        if have_neo_control:
+            cases += [("Neo LoRA Control ramp", f"<lora:{net}:[0@0,1@1]>", net, ours_on)]
+    if forge is not None:
+        mode = "on the fly" if forge["on_the_fly"]["unet"] else "baked"
+        print(f"Forge ({forge['layout']}), {forge['family']}, LoRAs {mode}; Neo LoRA Control: {have_neo_control}")
     times: dict[tuple[str, str], list[float]] = {}
     base = dict(
         negative_prompt="",

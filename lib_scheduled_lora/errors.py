@@ -125,3 +125,12 @@ class OutputNameError(ScheduledLoraError, ValueError):
 
 class Cancelled(ScheduledLoraError):
     """The user interrupted a long operation; nothing was written."""
+
+
+class HostLayoutError(ScheduledLoraError):
+    """The host's internals are not the ones this adapter knows (a Forge build whose LoRA patcher
+    looks different): scheduled tags are refused rather than written the wrong way."""
+
+
+class UnsupportedModelError(ScheduledLoraError):
+    """The loaded model is of a family the name mapping does not cover (Flux, SD3, ... on Forge)."""

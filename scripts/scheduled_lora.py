@@ -12,3 +12,5 @@ if HOST == "a1111":
     from lib_scheduled_lora.hosts.a1111_script import *  # noqa: F403 - the host looks for the Script class here
 elif HOST == "sdnext":
     from lib_scheduled_lora.hosts.sdnext_script import *  # noqa: F403 - the host looks for the Script class here
+elif HOST == "forge":
+    from lib_scheduled_lora.hosts.forge_script import *  # noqa: F403 - the host looks for the Script class here

@@ -1,7 +1,9 @@
-"""XYZ grid axes for scheduled LoRA (registered into the loaded ``xyz_grid.py`` before the UI is
+"""XYZ grid axes for scheduled LoRA (registered into the loaded X/Y/Z plot script before the UI is
 built). The value handling is in ``lib_scheduled_lora.hosts.xyz``."""
 
 from __future__ import annotations
+
+import sys
 
 from modules import script_callbacks, scripts
 
@@ -10,10 +12,7 @@ from lib_scheduled_lora.hosts.detect import host_kind
 
 
 def _xyz_module():
-    for data in scripts.scripts_data:
-        if data.script_class.__module__ in ("xyz_grid.py", "xyz_grid") and hasattr(data.module, "AxisOption"):
-            return data.module
-    return None
+    return xyz.find_xyz_module(scripts.scripts_data, sys.modules)
 
 
 def _axis(module, label):

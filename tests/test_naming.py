@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.sd_layouts import FAMILIES, FakeBiasModule, FakeModule, kohya_keys, tiny_sd
+from support.sd_layouts import FAMILIES, FakeBiasModule, FakeModule, _hf_key, kohya_keys, tiny_sd
 
 from lib_scheduled_lora.core.naming import (
     NetworkMapping,
@@ -427,6 +427,25 @@ def test_webui_wrapped_names_and_text_model_level():
         map_network({key: module}, hub).targets[0].weight
         == "text_encoder.text_model.encoder.layers.1.mlp.fc1.weight"
     )
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_openclip_encoders_in_transformers_layout_under_ldm_roots(family):
+    """Forge (and ComfyUI) load SD 2.x's and SDXL's OpenCLIP encoders as transformers models: the
+    sgm/ldm root then holds ``transformer.text_model...`` instead of ``model.transformer...``."""
+    model = tiny_sd(family)
+    state = {k: v for k, v in _shapes(model.ldm_state_dict()).items() if ".model." not in k.split("diffusion_model")[0]}
+    encoder, root, prefix = (
+        (model.text_encoder, "cond_stage_model.transformer.", "lora_te_")
+        if family == "sd2"
+        else (model.text_encoder_2, "conditioner.embedders.1.transformer.", "lora_te2_")
+    )
+    state.update({root + _hf_key(k): tuple(v.shape) for k, v in encoder.state_dict().items()})
+    key = prefix + "text_model_encoder_layers_1_self_attn_k_proj"
+    weight = root + "text_model.encoder.layers.1.self_attn.k_proj.weight"
+    mapping = map_network({key: FakeModule(key, state[weight])}, state)
+    assert mapping.family == family and mapping.unmatched == []
+    assert (mapping.targets[0].weight, mapping.targets[0].rows) == (weight, None)
 
 
 def test_index_is_cached_per_model():

@@ -369,6 +369,8 @@ def _layers_per_block(unet_names: list[str], layout: str) -> int:
 
 def _text_roots(family: str, layout: str) -> list[tuple[str, str, tuple[str, ...], str]]:
     """(name root, component, kohya prefixes, "hf" | "openclip") for each text encoder."""
+    # Forge and ComfyUI convert the OpenCLIP encoders to transformers' layout at load time, so an
+    # sgm/ldm model may also hold them as "...transformer.text_model..." (hf) under these roots.
     if family == "sdxl":
         te, te2 = (TE, ("lora_te1_",)), (TE2, ("lora_te2_",))
         if layout == "diffusers":
@@ -376,11 +378,12 @@ def _text_roots(family: str, layout: str) -> list[tuple[str, str, tuple[str, ...
         return [
             ("conditioner.embedders.0.transformer.", *te, "hf"),
             ("conditioner.embedders.1.model.", *te2, "openclip"),
+            ("conditioner.embedders.1.transformer.", *te2, "hf"),
         ]
     if family == "sd2":
         prefixes: tuple[str, ...] = ("lora_te_",)
         if layout == "ldm":
-            return [("cond_stage_model.model.", TE, prefixes, "openclip")]
+            return [("cond_stage_model.model.", TE, prefixes, "openclip"), ("cond_stage_model.transformer.", TE, prefixes, "hf")]
     else:
         # Some SD 1.x files spell their (CLIP ViT-L) text encoder lora_te1_, as SDXL's first one;
         # the WebUI accepts them too.

@@ -33,10 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_scheduled_lora.core.engine import EngineSettings, Mode, engine_mode
+from lib_scheduled_lora.core.engine import EngineSettings, Mode, ScheduledNetwork, engine_mode
 from lib_scheduled_lora.core.positions import PassGrid, grid_for_call, noise_level
 from lib_scheduled_lora.core.session import Evaluation, PassSession, Runtime
+from lib_scheduled_lora.core.tags import NetworkTag
 from lib_scheduled_lora.hosts.ownership import (
+    HostSyntax,
     Owner,
     TagIndex,
     batch_warning,
@@ -152,16 +154,18 @@ class ScheduledExtraNetwork:
 
     _scheduled_lora_wrapper = True
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, host_syntax: HostSyntax | None = None):
         self.inner = inner
         self.name = inner.name
+        self.host_syntax = host_syntax  # tags the host's own scheduler reads (Forge Neo), left to it
 
     def activate(self, p, params_list):
         state = getattr(p, STATE_ATTR, None)
         enabled = state.enabled if state is not None else True
         if not enabled and type(self.inner).__name__ != "ExtraNetworkLora":
             return self.inner.activate(p, params_list)
-        routes = route("lora", params_list, enabled, state.tags if state is not None else TagIndex())
+        tags = state.tags if state is not None else TagIndex()
+        routes = route("lora", params_list, enabled, tags, self.host_syntax)
         rewrite_params(routes)  # the host, other extensions and the hires pass read these objects
         if state is not None:
             state.ignored.extend(r.text for r in routes if r.owner is Owner.DROPPED and r.text not in state.ignored)
@@ -176,7 +180,9 @@ class ScheduledExtraNetwork:
         return getattr(self.inner, item)
 
 
-def install_extra_network_wrapper(extra_networks: Any) -> ScheduledExtraNetwork | None:
+def install_extra_network_wrapper(
+    extra_networks: Any, host_syntax: HostSyntax | None = None
+) -> ScheduledExtraNetwork | None:
     """Wrap the registered ``lora`` handler (and every alias pointing at it); idempotent."""
     registry, aliases = extra_networks.extra_network_registry, extra_networks.extra_network_aliases
     inner = registry.get("lora")
@@ -185,8 +191,9 @@ def install_extra_network_wrapper(extra_networks: Any) -> ScheduledExtraNetwork 
     if getattr(inner, "_scheduled_lora_wrapper", False):
         wrapper = inner
         inner = wrapper.inner
+        wrapper.host_syntax = host_syntax
     else:
-        wrapper = ScheduledExtraNetwork(inner)
+        wrapper = ScheduledExtraNetwork(inner, host_syntax)
         registry["lora"] = wrapper
     for alias, handler in list(aliases.items()):
         if handler is inner:
@@ -300,6 +307,7 @@ class A1111Integration:
         self.runtime = runtime
         self.extra_networks = extra_networks
         self.prompt_parser = prompt_parser  # modules.prompt_parser: per-segment te strengths
+        self.host_syntax: HostSyntax | None = None  # tags the host's own scheduler reads (none on A1111)
 
     @property
     def host(self) -> A1111Host:
@@ -311,7 +319,7 @@ class A1111Integration:
         leftovers = self.runtime.restore_all()
         if leftovers:
             log.warning("Scheduled LoRA: restored %d engine(s) left open by an earlier generation", leftovers)
-        install_extra_network_wrapper(self.extra_networks)
+        install_extra_network_wrapper(self.extra_networks, self.host_syntax)
         state = GenerationState(enabled=bool(enabled))
         setattr(p, STATE_ATTR, state)
         prompts = self._all_prompts(p)
@@ -344,9 +352,17 @@ class A1111Integration:
     def _init(self, p: Any, original: Callable, *args, **kwargs):
         state: GenerationState = getattr(p, STATE_ATTR)
         if state.enabled and not state.validated:
-            validate_prompts(self._all_prompts(p), self.host.find_network_file, state.tags)  # raises: job stops here
+            ours = validate_prompts(  # raises: the job stops here
+                self._all_prompts(p), self.host.find_network_file, state.tags, host_syntax=self.host_syntax
+            )
+            if ours:
+                self._check_model(p, ours)
             state.validated = True
         return original(*args, **kwargs)
+
+    def _check_model(self, p: Any, tags: list[NetworkTag]) -> None:
+        """Raise when the loaded model cannot take scheduled ``tags`` (before sampling; every
+        model A1111 loads can)."""
 
     def _cached_params(self, p: Any, original: Callable, *args, **kwargs):
         state: GenerationState = getattr(p, STATE_ATTR)
@@ -370,11 +386,16 @@ class A1111Integration:
         hires = hires_steps is not None
 
         @functools.wraps(function)
-        def scheduled_function(model, prompts, call_steps=steps, call_hires_steps=None, use_old_scheduling=False):
-            args = (model, prompts, call_steps, call_hires_steps, use_old_scheduling)  # as the host calls it
-            with self.runtime.conditioning(self.runtime.scheduled(tags, hires), steps) as weights:
+        def scheduled_function(model, prompts, *rest, **named):
+            # The host's own arguments, passed on as they came: A1111 and Forge main call
+            # (model, prompts, steps, hires_steps, use_old_scheduling), Forge Neo has no last one.
+            args = (model, prompts, *rest)
+            call_steps = rest[0] if rest else named.get("steps", steps)
+            call_hires_steps = rest[1] if len(rest) > 1 else named.get("hires_steps")
+            use_old_scheduling = rest[2] if len(rest) > 2 else named.get("use_old_scheduling", False)
+            with self._conditioning_scope(model, self.runtime.scheduled(tags, hires), steps) as weights:
                 if weights is None or all(n.te.is_constant for n in weights.networks) or self.prompt_parser is None:
-                    return function(*args)
+                    return function(*args, **named)
                 # Prompt editing counts in hires steps in the hires pass (prompt_parser's own rule).
                 total = call_hires_steps if call_hires_steps is not None and not use_old_scheduling else call_steps
                 encoder = SegmentedEncoder(weights, int(total), model.get_learned_conditioning)
@@ -384,9 +405,16 @@ class A1111Integration:
                     "get_learned_conditioning_prompt_schedules",
                     encoder.capture(parser.get_learned_conditioning_prompt_schedules),
                 ), _patched(model, "get_learned_conditioning", encoder):
-                    return function(*args)
+                    return function(*args, **named)
 
         return original(scheduled_function, required_prompts, steps, caches, extra_network_data, hires_steps)
+
+    def _conditioning_scope(
+        self, model: Any, networks: list[ScheduledNetwork], steps: int
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The text encoders at the networks' ``te`` schedules around one conditioning call
+        (``model`` is the host's model object; other hosts first make their own state final)."""
+        return self.runtime.conditioning(networks, steps)
 
     # -- per batch ----------------------------------------------------------------------------
 
@@ -415,28 +443,34 @@ class A1111Integration:
         if not tags or sampler is None:
             return
         original = _unwrapped(sampler.func)
-        runtime = self.runtime
-
-        unet = self.host.unet(self.host.model())
 
         @functools.wraps(original)
         def func(model, x, *args, **kwargs):
             launch = getattr(getattr(sampler, "model_wrap_cfg", None), "steps", None)
             grid = grid_for_call(kwargs, launch, getattr(original, "__name__", ""))
             state.passes.append(PassRecord(hires, grid, tags))
-            networks = runtime.scheduled(tags, hires)
-            with runtime.sampling_pass(networks, grid, hires=hires, trace=state.trace) as session, contextlib.ExitStack() as stack:
-                if session is not None:
-                    session.owner = sampler
-                if session is not None and unet is not None:
-                    # After every on_cfg_denoiser callback (other extensions' included), before
-                    # the builtin's lazy per-layer re-application: see PassSession.resync.
-                    hook = unet.register_forward_pre_hook(functools.partial(_resync_hook, session))
-                    stack.callback(hook.remove)
+            with self._pass_scope(tags, grid, hires, state, sampler):
                 return original(model, x, *args, **kwargs)
 
         setattr(func, ORIGINAL_ATTR, original)
         sampler.func = func
+
+    @contextlib.contextmanager
+    def _pass_scope(self, tags: list, grid: PassGrid, hires: bool, state: GenerationState, sampler: Any):
+        """Our engine for one sampler run (opened inside the sampler function, after the host has
+        prepared the model), restored when the run ends, raises or is interrupted."""
+        runtime = self.runtime
+        networks = runtime.scheduled(tags, hires)
+        unet = self.host.unet(self.host.model())
+        with runtime.sampling_pass(networks, grid, hires=hires, trace=state.trace) as session, contextlib.ExitStack() as stack:
+            if session is not None:
+                session.owner = sampler
+            if session is not None and unet is not None:
+                # After every on_cfg_denoiser callback (other extensions' included), before
+                # the builtin's lazy per-layer re-application: see PassSession.resync.
+                hook = unet.register_forward_pre_hook(functools.partial(_resync_hook, session))
+                stack.callback(hook.remove)
+            yield session
 
     # -- 3. every evaluation ------------------------------------------------------------------
 

@@ -166,7 +166,12 @@ def stand_in_items(tag: NetworkTag) -> list[str]:
     return [tag.name, f"{MARK_KEY}={digest}"]
 
 
-def route(kind: str, params_list: Iterable[Any], enabled: bool, tags: TagIndex) -> list[Route]:
+HostSyntax = Callable[[str], bool]  # True for a tag text the host's own scheduler reads (Forge Neo)
+
+
+def route(
+    kind: str, params_list: Iterable[Any], enabled: bool, tags: TagIndex, host_syntax: HostSyntax | None = None
+) -> list[Route]:
     """Decide, for each params object of a host handler call, who applies it. No side effects.
 
     Plain tags go to the host as the very same objects (named arguments we do not own, such as
@@ -174,11 +179,15 @@ def route(kind: str, params_list: Iterable[Any], enabled: bool, tags: TagIndex) 
     other extensions read the strength the host applies. Scheduled tags are ours when ``enabled``
     and dropped otherwise (the host would fail on them); either way their items become a stand-in.
     Malformed tags are dropped: the generation is stopped before sampling with the parse error
-    (:func:`validate_prompts`).
+    (:func:`validate_prompts`). Tags in the host's own schedule syntax (``host_syntax``: Forge
+    Neo's built-in "LoRA Control", ``<lora:x:[1@0,0@1]>``) stay the host's, untouched.
     """
     routes = []
     for params in params_list:
         items = getattr(params, "items", [])
+        if host_syntax is not None and items and host_syntax(tag_text(kind, items)):
+            routes.append(Route(params, Owner.HOST, None, tag_text(kind, items)))
+            continue
         try:
             tag = params_tag(kind, params, tags)
         except ScheduleSyntaxError:
@@ -259,7 +268,7 @@ def validate_prompts(
     tags: TagIndex,
     *,
     check_names: bool = True,
-    host_only: Callable[[str], bool] | None = None,
+    host_syntax: HostSyntax | None = None,
     check: Callable[[str, NetworkTag], None] | None = None,
 ) -> list[NetworkTag]:
     """Raise the first problem of any prompt's network tags, before anything is sampled.
@@ -268,14 +277,14 @@ def validate_prompts(
     the host does not know (MissingNetworkError; the host itself only logs it); a scheduled tag
     whose file is not ``.safetensors`` (NotSafetensorsError); what ``check(text, tag)`` refuses
     (default: :func:`check_arguments` on our tags; a host may refuse more, also on plain tags).
-    Tags for which ``host_only(text)`` holds are the host's own syntax and are not looked at.
-    Returns our tags, all prompts.
+    Tags in the host's own syntax (``host_syntax(text)`` holds: Forge Neo's scheduler, SD.Next's
+    own readings) are the host's to check. Returns our tags, all prompts.
     """
     ours: list[NetworkTag] = []
     seen: set[str] = set()
     for prompt in prompts:
         for match in tags.in_prompt(prompt):
-            if host_only is not None and host_only(match.text):
+            if host_syntax is not None and host_syntax(match.text):
                 continue
             if match.error is not None:
                 raise match.error

@@ -385,7 +385,7 @@ class SDNextIntegration:
                 self.prompts(p),
                 self.host.find_network_file,
                 state.tags,
-                host_only=lambda text: unreadable_host_tag(text, state.tags),
+                host_syntax=lambda text: unreadable_host_tag(text, state.tags),
                 check=check_tag,
             )
             state.validated = True

@@ -11,14 +11,14 @@ inside one value with ``;`` (``0@0;1@0.5``) or quote the value (``"0@0,1@0.5"``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lib_scheduled_lora.core import tag_edits
 from lib_scheduled_lora.core.tag_edits import number_label, schedule_label, split_name, with_switch
 from lib_scheduled_lora.hosts.ownership import is_ours
 
-__all__ = ["AXES", "axis_callbacks", "number_label", "schedule_label", "split_name", "with_switch"]
+__all__ = ["AXES", "axis_callbacks", "find_xyz_module", "number_label", "schedule_label", "split_name", "with_switch"]
 
 
 def apply_schedule(prompt: str, value: str) -> str:
@@ -85,3 +85,30 @@ def axis_callbacks(label: str) -> tuple[Callable[[Any, str, list], None], Callab
             label_of(x)
 
     return apply, format_value, confirm
+
+
+def find_xyz_module(scripts_data: Iterable[Any], loaded: Mapping[str, Any]) -> Any | None:
+    """The loaded "X/Y/Z plot" script's module (the one holding ``AxisOption`` and ``axis_options``).
+
+    Every WebUI so far loads it as ``scripts/xyz_grid.py`` (module name ``xyz_grid.py``), found
+    among the loaded scripts; a host that moves it elsewhere (newer Forge Neo builds) is found by
+    looking at the loaded modules (``loaded``: ``sys.modules``) for the same two names.
+    """
+
+    def is_xyz(module: Any) -> bool:
+        return isinstance(getattr(module, "AxisOption", None), type) and isinstance(
+            getattr(module, "axis_options", None), list
+        )
+
+    for data in scripts_data:
+        module = getattr(data, "module", None)
+        if getattr(data.script_class, "__module__", None) in ("xyz_grid.py", "xyz_grid") and is_xyz(module):
+            return module
+    for data in scripts_data:
+        module = getattr(data, "module", None)
+        if is_xyz(module):
+            return module
+    for module in list(loaded.values()):
+        if is_xyz(module):
+            return module
+    return None

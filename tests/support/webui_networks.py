@@ -52,13 +52,19 @@ def make_networks_for_webui(
     into its ``lora_dir``, then let it rescan. ``get``/``post`` call its API by path; a relative
     file name (SD.Next's ``models/Diffusers/<name>``) is relative to the WebUI's ``root``."""
     if checkpoint is None:
-        models = get("/sdapi/v1/sd-models")
-        # The option holds a title, "name.safetensors [hash]"; the hash part may be missing.
-        loaded = get("/sdapi/v1/options").get("sd_model_checkpoint", "").split(" [")[0]
-        checkpoint = next(
-            (m["filename"] for m in models if m["title"].split(" [")[0] == loaded), models[0]["filename"]
-        )
+        checkpoint = loaded_checkpoint(get)
     paths = make_networks(os.path.join(root, checkpoint), lora_dir)  # an absolute name stays as it is
     post("/sdapi/v1/refresh-loras")
     return paths
 
+
+
+def loaded_checkpoint(get: Callable[[str], Any]) -> str:
+    """The file of the checkpoint a running WebUI has selected. The option holds a title,
+    "name.safetensors [hash]" (the hash part may be missing), or on Forge the bare model name."""
+    models = get("/sdapi/v1/sd-models")
+    loaded = get("/sdapi/v1/options").get("sd_model_checkpoint", "").split(" [")[0]
+    for m in models:
+        if loaded in (m["title"].split(" [")[0], m["model_name"], Path(m["filename"]).name, Path(m["filename"]).stem):
+            return m["filename"]
+    return models[0]["filename"]

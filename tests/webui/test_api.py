@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from .server import current_kind
+from .server import FORGE, NEO, current_kind, host_kind
 
-pytestmark = pytest.mark.skipif(current_kind() == "sdnext", reason="AUTOMATIC1111's API and samplers; SD.Next: test_sdnext.py")
+pytestmark = pytest.mark.skipif(current_kind() == "sdnext", reason="AUTOMATIC1111's and Forge's API and samplers; SD.Next: test_sdnext.py")
 
 
 def same(a, b) -> bool:
@@ -83,14 +83,26 @@ def test_ddim(webui):
     assert same(none1, none2)
 
 
+def hires_payload() -> tuple[dict, int]:
+    """A small hires pass for the WebUI under test, and the image size it gives from 64 px.
+    Forge needs its module choice; Neo has no latent upscalers and rounds the hires size to its
+    resolution step (64 x 1.5 -> 128)."""
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.5)
+    kind = host_kind()
+    if kind in (FORGE, NEO):
+        hr["hr_additional_modules"] = ["Use same choices"]
+    if kind == NEO:
+        hr["hr_upscaler"] = "None"
+        return hr, 128
+    return hr, 96
+
+
 def test_hires_pass(webui):
-    hr = dict(
-        enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.5
-    )
+    hr, size = hires_payload()
     none1, _ = webui.txt2img("a cat", **hr)
     a, _ = webui.txt2img("a cat <lora:sl_lora:0@0.3:1>", **hr)
     b, body = webui.txt2img("a cat <lora:sl_lora:0@0.3:1:hr=0>", **hr)
-    assert a[0].shape[0] == 96
+    assert a[0].shape[0] == size
     assert not same(a, b) and not same(a, none1)
     none2, _ = webui.txt2img("a cat", **hr)
     assert same(none1, none2)
@@ -119,26 +131,12 @@ def test_weights_restored_after_interrupt(webui):
 def test_xyz_grid_with_our_axes(webui):
     _, info = webui.get("/scheduled-lora/v1/info")
     axes = info["xyz_axes"]["txt2img"]
-    args = [
-        axes["Scheduled LoRA: switch point"],
-        "0.2, 0.8",
-        [],
-        axes["Scheduled LoRA: strength"],
-        "0.5, 1",
-        [],
-        0,
-        "",
-        [],
-        True,
-        True,
-        False,
-        False,
-        False,
-        False,
-        False,
-        0,
-        False,
-    ]
+    x = [axes["Scheduled LoRA: switch point"], "0.2, 0.8", []]
+    y = [axes["Scheduled LoRA: strength"], "0.5, 1", []]
+    z = [0, "", []]
+    flags = [True, True, False, False, False, False, False]  # legend, lone images, sub grids, seeds
+    layout = [0, 0] if host_kind() == NEO else [0]  # Neo's xyz_grid has a row count before the margin
+    args = x + y + z + flags + layout + [False]
     images, body = webui.txt2img(
         "a cat <lora:sl_lora:0@0.3:1>", script_name="x/y/z plot", script_args=args, steps=4
     )
@@ -158,7 +156,10 @@ def test_engine_matches_the_builtin_with_dyn(webui):
     """``hr=`` makes a tag ours without a hires pass (a constant first pass, merged by us); it
     matches the host's own tag within float rounding, for LoRA, LoCon and LoHa, and with the
     ``dyn=`` rank cut."""
-    for tag in ("sl_lora:0.8", "sl_locon:0.8", "sl_loha:0.8", "sl_lora:0.8:dyn=2"):
+    # Forge's Lora ignores dyn= (main parses and drops it, Neo never reads it): no host reference.
+    with_dyn = host_kind() not in (FORGE, NEO)
+    tags = ("sl_lora:0.8", "sl_locon:0.8", "sl_loha:0.8") + (("sl_lora:0.8:dyn=2",) if with_dyn else ())
+    for tag in tags:
         host, _ = webui.txt2img(f"a cat <lora:{tag}>")
         ours, _ = webui.txt2img(f"a cat <lora:{tag}:hr=0.3>")
         mean, peak = _mean_peak(ours, host)
