@@ -37,6 +37,7 @@ def on_app_started(demo, app):
             "version": lib_scheduled_lora.__version__,
             "mode": getattr(shared.opts, "scheduled_lora_mode", a1111.DEFAULT_MODE),
             "cache_mb": getattr(shared.opts, "scheduled_lora_cache_mb", a1111.DEFAULT_CACHE_MB),
+            "device_budget_mb": a1111.webui_settings(shared.opts).device_budget_mb,
             "xyz_axes": {"txt2img": _axes(False), "img2img": _axes(True)},
             "host": HOST,
             "forge": _forge() if HOST == "forge" else None,

@@ -695,3 +695,18 @@ def test_each_tag_is_parsed_once_per_generation(world, monkeypatch):
     prompt = "a cat <lora:wday:0@0.5:1:hr=0.25> <lora:wday:0.5>"
     FakeP(world, prompt, steps=10, hr=True, hr_steps=10, denoise=0.5, batch_size=2).process_images()
     assert sorted(parsed) == ["<lora:wday:0.5>", "<lora:wday:0@0.5:1:hr=0.25>"]
+
+
+def test_webui_settings_read_every_option_and_fall_back_on_unusable_values():
+    from lib_scheduled_lora.hosts.a1111 import webui_settings
+
+    opts = SimpleNamespace(
+        scheduled_lora_mode="bypass", scheduled_lora_cache_mb=512, scheduled_lora_device_budget_mb="1024"
+    )
+    settings = webui_settings(opts)
+    assert (settings.mode, settings.cache_budget_mb, settings.device_budget_mb) == ("bypass", 512.0, 1024.0)
+    # a config from an older version (no device budget) or edited by hand: defaults, never a failure
+    broken = SimpleNamespace(scheduled_lora_mode="fast", scheduled_lora_cache_mb="lots", scheduled_lora_device_budget_mb=-5)
+    settings = webui_settings(broken)
+    assert (settings.mode, settings.cache_budget_mb, settings.device_budget_mb) == ("auto", 2048.0, 0.0)
+    assert webui_settings(SimpleNamespace(scheduled_lora_cache_mb=float("nan"))).cache_budget_mb == 2048.0

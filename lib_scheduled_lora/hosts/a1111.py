@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ log = logging.getLogger("scheduled_lora")
 
 DEFAULT_MODE: Mode = "auto"
 DEFAULT_CACHE_MB = 2048
+DEFAULT_DEVICE_BUDGET_MB = 0  # lean: nothing of ours kept on the GPU beyond the layer being written
 INFOTEXT_ENABLED = "Scheduled LoRA"
 INFOTEXT_MODE = "Scheduled LoRA mode"
 STATE_ATTR = "scheduled_lora_state"
@@ -72,6 +74,25 @@ def _patched_types() -> tuple[type, ...]:
         torch.nn.MultiheadAttention,
     )
 
+
+
+def webui_settings(opts: Any) -> EngineSettings:
+    """The engine settings from Settings → Scheduled LoRA, the same options on every WebUI host
+    (A1111, Forge, SD.Next). A value an old or hand-edited config makes unusable (text, negative,
+    NaN) falls back to its default rather than failing a generation."""
+
+    def megabytes(key: str, default: float) -> float:
+        try:
+            value = float(getattr(opts, key, default))
+        except (TypeError, ValueError):
+            return float(default)
+        return value if math.isfinite(value) and value >= 0 else float(default)
+
+    return EngineSettings(
+        mode=engine_mode(getattr(opts, "scheduled_lora_mode", DEFAULT_MODE), DEFAULT_MODE),
+        cache_budget_mb=megabytes("scheduled_lora_cache_mb", DEFAULT_CACHE_MB),
+        device_budget_mb=megabytes("scheduled_lora_device_budget_mb", DEFAULT_DEVICE_BUDGET_MB),
+    )
 
 class A1111Host:
     """:class:`~lib_scheduled_lora.core.session.HostAdapter` for A1111 (``shared`` = modules.shared;
@@ -139,10 +160,7 @@ class A1111Host:
         return getattr(getattr(model, "model", None), "diffusion_model", None)
 
     def settings(self) -> EngineSettings:
-        opts = self.shared.opts
-        mode = getattr(opts, "scheduled_lora_mode", DEFAULT_MODE)
-        budget = getattr(opts, "scheduled_lora_cache_mb", DEFAULT_CACHE_MB)
-        return EngineSettings(mode=engine_mode(mode, DEFAULT_MODE), cache_budget_mb=float(budget))
+        return webui_settings(self.shared.opts)
 
 
 class ScheduledExtraNetwork:

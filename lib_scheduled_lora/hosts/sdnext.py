@@ -44,19 +44,19 @@ from typing import Any
 
 from torch import nn
 
-from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, engine_mode
+from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork
 from lib_scheduled_lora.core.positions import PassGrid, scheduler_grid
 from lib_scheduled_lora.core.session import PassSession, Runtime
 from lib_scheduled_lora.core.tags import TAG_PATTERN, NetworkTag
 from lib_scheduled_lora.errors import ScheduleSyntaxError
 from lib_scheduled_lora.hosts.a1111 import (
-    DEFAULT_CACHE_MB,
     DEFAULT_MODE,
     INFOTEXT_ENABLED,
     INFOTEXT_MODE,
     STATE_ATTR,
     GenerationState,
     PassRecord,
+    webui_settings,
 )
 from lib_scheduled_lora.hosts.diffusers import pipeline_parts, unet_timestep
 from lib_scheduled_lora.hosts.ownership import (
@@ -154,10 +154,7 @@ class SDNextHost:
         pipeline runs, and our scopes open only inside the pipeline call."""
 
     def settings(self) -> EngineSettings:
-        opts = self.shared.opts
-        mode = getattr(opts, "scheduled_lora_mode", DEFAULT_MODE)
-        budget = getattr(opts, "scheduled_lora_cache_mb", DEFAULT_CACHE_MB)
-        return EngineSettings(mode=engine_mode(mode, DEFAULT_MODE), cache_budget_mb=float(budget))
+        return webui_settings(self.shared.opts)
 
     def state(self) -> object:
         common = self._lora_common()

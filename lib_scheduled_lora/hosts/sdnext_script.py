@@ -15,9 +15,8 @@ import gradio as gr
 from modules import extra_networks, processing_callbacks, script_callbacks, scripts_manager, shared
 from modules.logger import log as host_log
 
-from lib_scheduled_lora.core.engine import MODES
 from lib_scheduled_lora.core.session import Runtime
-from lib_scheduled_lora.hosts import a1111, sdnext, xyz
+from lib_scheduled_lora.hosts import a1111, sdnext, webui_script, xyz
 
 # SD.Next logs through its own handlers (console and sdnext.log), as it does for lycoris's logger.
 for _name in ("scheduled_lora", "lib_scheduled_lora"):
@@ -42,7 +41,7 @@ _host = sdnext.SDNextHost(shared, _lora_load, _lora_common)
 _runtime = Runtime(_host)
 integration = sdnext.SDNextIntegration(_runtime, extra_networks, lambda: processing_callbacks.diffusers_callback)
 
-TITLE = "Scheduled LoRA"
+TITLE = webui_script.TITLE
 
 
 class ScheduledLoraScript(scripts_manager.Script):
@@ -97,30 +96,7 @@ class ScheduledLoraScript(scripts_manager.Script):
 
 
 def on_ui_settings():
-    section = ("scheduled_lora", TITLE)
-    shared.opts.add_option(
-        "scheduled_lora_mode",
-        shared.OptionInfo(
-            a1111.DEFAULT_MODE, "Engine mode", gr.Radio, {"choices": list(MODES)}, section=section
-        ).info(
-            "auto: per layer, merge (W + m·ΔW written into the weight) or bypass (low-rank side path, no "
-            "weight writes) whichever is cheaper for that layer; merge/bypass force one"
-        ),
-    )
-    shared.opts.add_option(
-        "scheduled_lora_cache_mb",
-        shared.OptionInfo(
-            a1111.DEFAULT_CACHE_MB,
-            "ΔW cache budget (MB, float32 weight differences kept on the weights' device between generations)",
-            gr.Slider,
-            {"minimum": 0, "maximum": 16384, "step": 64},
-            section=section,
-        ),
-    )
-    shared.opts.add_option(
-        "scheduled_lora_plot",
-        shared.OptionInfo(False, "Append a plot of each network's multipliers per step to the outputs", section=section),
-    )
+    webui_script.add_settings(shared, gr)
 
 
 # -- XYZ grid: SD.Next's classes live in scripts/xyz/xyz_grid_classes.py (a namespace package),

@@ -64,7 +64,8 @@ def script_class(scripts: Any, gr: Any, shared: Any, integration: a1111.A1111Int
 
 
 def add_settings(shared: Any, gr: Any) -> None:
-    """Settings -> Scheduled LoRA (an ``on_ui_settings`` callback's body)."""
+    """Settings -> Scheduled LoRA (an ``on_ui_settings`` callback's body), the same on every WebUI
+    host; :func:`lib_scheduled_lora.hosts.a1111.webui_settings` reads them."""
     section = ("scheduled_lora", TITLE)
     shared.opts.add_option(
         "scheduled_lora_mode",
@@ -84,11 +85,21 @@ def add_settings(shared: Any, gr: Any) -> None:
         "scheduled_lora_cache_mb",
         shared.OptionInfo(
             a1111.DEFAULT_CACHE_MB,
-            "ΔW cache budget (MB, float32 weight differences kept on the weights' device between generations)",
+            "ΔW cache budget (MB of float32 weight differences kept in host memory between generations)",
             gr.Slider,
             {"minimum": 0, "maximum": 16384, "step": 64},
             section=section,
         ),
+    )
+    shared.opts.add_option(
+        "scheduled_lora_device_budget_mb",
+        shared.OptionInfo(
+            a1111.DEFAULT_DEVICE_BUDGET_MB,
+            "GPU memory budget (MB for originals and ΔW kept on the GPU for faster updates; 0: none)",
+            gr.Slider,
+            {"minimum": 0, "maximum": 16384, "step": 64},
+            section=section,
+        ).info("never more than the GPU's free memory minus 1.5 GiB, read when each pass starts"),
     )
     shared.opts.add_option(
         "scheduled_lora_plot",
