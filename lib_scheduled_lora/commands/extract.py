@@ -16,8 +16,8 @@ from lib_scheduled_lora.commands.rank_options import (
     add_output_arguments,
     add_rank_arguments,
     check_output,
-    print_report,
     rank_rule,
+    write_made_network,
 )
 from lib_scheduled_lora.errors import RankRuleError
 
@@ -35,15 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lib_scheduled_lora.commands.progress import terminal_progress
-    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.extract import extract_lora
     from lib_scheduled_lora.core.model_reader import ModelReader
-    from lib_scheduled_lora.core.network_writer import (
-        NETWORK_DTYPES,
-        made_metadata,
-        source_records,
-        write_network,
-    )
+    from lib_scheduled_lora.core.network_writer import source_records
 
     rule = rank_rule(args)
     if rule is None or rule.rank is None:
@@ -58,9 +52,7 @@ def run(args: argparse.Namespace) -> int:
     files = [(p, None, role) for p, role in ((args.base, "base"), (args.tuned, "tuned"))]
     records = source_records([f for f in files if not _is_folder(f[0])])
     extra = {"unchanged_layers": extracted.unchanged, "not_extracted": len(extracted.not_extracted)}
-    metadata = made_metadata("extract", extracted, records, family=family, extra=extra, tool=tool_name())
-    write_network(extracted, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
-    print_report(extracted, layers=args.layers)
+    write_made_network("extract", extracted, args, output, records, family=family, extra=extra)
     if extracted.not_extracted:
         print(
             f"note: {len(extracted.not_extracted)} changed weight(s) are not LoRA layers and were left out "

@@ -1,11 +1,15 @@
-"""Options shared by ``merge-networks``, ``resize`` and ``extract``: the rank rule, the output
-dtype, the device and the report. Numbers are read with the one number grammar."""
+"""What ``merge-networks``, ``resize`` and ``extract`` share: the rank rule, the output dtype, the
+device, the base model, and writing the result with its metadata and report. Numbers are read
+with the one number grammar."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lib_scheduled_lora.core.lowrank import RankRule
 from lib_scheduled_lora.core.numbers import NumberSyntaxError, read_number
@@ -93,3 +97,37 @@ def tool_name() -> str:
     import lib_scheduled_lora
 
     return f"sd-webui-scheduled-lora {lib_scheduled_lora.__version__}"
+
+
+def write_made_network(
+    command: str,
+    made: Any,
+    args: argparse.Namespace,
+    output: Path,
+    records: list,
+    *,
+    family: str | None,
+    extra: dict | None,
+) -> None:
+    """Write a network a command made (``--dtype``, ``--force``), with metadata saying how it was
+    made, then print its report (``--layers``)."""
+    from lib_scheduled_lora.core.network_writer import NETWORK_DTYPES, made_metadata, write_network
+
+    metadata = made_metadata(command, made, records, family=family, extra=extra, tool=tool_name())
+    write_network(made, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
+    print_report(made, layers=args.layers)
+
+
+def networks_family(networks: Sequence[tuple[Any, float]]) -> str | None:
+    """The model family all ``(network, weight)`` pairs are for, or None when they disagree."""
+    from lib_scheduled_lora.core.networks.family import guess_family
+
+    families = {guess_family(n.modules, n.metadata).family for n, _ in networks}
+    return families.pop() if len(families) == 1 else None
+
+
+def open_model(path: str | None) -> Any:
+    """The base model (``--model``) opened for reading, or a context holding None."""
+    from lib_scheduled_lora.core.model_reader import ModelReader
+
+    return ModelReader(path) if path else contextlib.nullcontext(None)

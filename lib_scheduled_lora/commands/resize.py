@@ -14,8 +14,10 @@ from lib_scheduled_lora.commands.rank_options import (
     add_output_arguments,
     add_rank_arguments,
     check_output,
-    print_report,
+    networks_family,
+    open_model,
     rank_rule,
+    write_made_network,
 )
 from lib_scheduled_lora.errors import RankRuleError
 
@@ -28,16 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib_scheduled_lora.commands.merge_networks import _family, _model
     from lib_scheduled_lora.commands.progress import terminal_progress
-    from lib_scheduled_lora.commands.rank_options import tool_name
     from lib_scheduled_lora.core.network_merge import merge_into_one
-    from lib_scheduled_lora.core.network_writer import (
-        NETWORK_DTYPES,
-        made_metadata,
-        source_records,
-        write_network,
-    )
+    from lib_scheduled_lora.core.network_writer import source_records
     from lib_scheduled_lora.core.networks.loader import load_network
 
     rule = rank_rule(args)
@@ -45,14 +40,12 @@ def run(args: argparse.Namespace) -> int:
         raise RankRuleError("resize", "needs --rank N or one of --sv-ratio, --sv-fro, --sv-cumulative")
     output = check_output(args.output, args.force)
     network = load_network(args.network)
-    with _model(args.model) as model, terminal_progress("resizing", unit="layer", enabled=not args.quiet) as progress:
+    with open_model(args.model) as model, terminal_progress("resizing", unit="layer", enabled=not args.quiet) as progress:
         merged = merge_into_one([(network, 1.0)], rule, model=model, device=args.device, progress=progress)
-        family = model.index.family if model is not None else _family([(network, 1.0)])
+        family = model.index.family if model is not None else networks_family([(network, 1.0)])
     old = sorted({m.rank for m in network.modules.values() if m.rank is not None})
     extra = {"input_ranks": old, **({"base_model": Path(args.model).name} if args.model else {})}
     records = source_records([(args.network, 1.0, "network")])
-    metadata = made_metadata("resize", merged, records, family=family, extra=extra, tool=tool_name())
-    write_network(merged, output, metadata, dtype=NETWORK_DTYPES[args.dtype], force=args.force)
-    print_report(merged, layers=args.layers)
+    write_made_network("resize", merged, args, output, records, family=family, extra=extra)
     print(f"wrote {output} ({rule.describe()}, {args.dtype})")
     return 0
