@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--networks", default="lora,locon")
+    parser.add_argument("--cache-mb", type=float, default=EngineSettings().cache_budget_mb,
+                        help="ours: the ΔW cache budget kept with the pipeline (default: the library's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -169,7 +171,7 @@ def bench_kind(pipe, kind: str, path: Path, library: NetworkLibrary, args, devic
 
         def run():
             networks = [ScheduledNetwork(library.load(tag), *tag.schedules(False))]
-            with attach(pipe, networks, EngineSettings()):
+            with attach(pipe, networks, EngineSettings(cache_budget_mb=args.cache_mb)):
                 return generate()
 
         return run

@@ -165,6 +165,7 @@ class ScheduledWeights:
         self.settings = settings or EngineSettings()
         self.networks = list(networks)
         self.cache = cache if cache is not None else DeltaCache(int(self.settings.cache_budget_mb * 2**20))
+        self.cache.begin_generation()
         self.pool = pool
         self.stats = UpdateStats()
         self.unmatched: dict[str, list[str]] = {}

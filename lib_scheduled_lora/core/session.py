@@ -156,7 +156,7 @@ class Runtime:
         key = self.host.model_key()
         self.cache.bind(key)
         self.pool.bind(key)
-        self.cache.budget_bytes = int(settings.cache_budget_mb * 2**20)
+        self.cache.set_budget(int(settings.cache_budget_mb * 2**20))
         model = self.host.model()
         self.host.settle(model)
         weights = ScheduledWeights(model, networks, settings, cache=self.cache, pool=self.pool)
