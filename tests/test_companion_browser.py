@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 from test_editor_browser import _MISSING, CHROMIUM, CHROMIUM_ARGS, SLOW, sync_playwright
-from webui.server import make_test_networks, running_webui
+from webui.server import SDNEXT, current_kind, make_test_networks, running_webui
 
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+pytestmark = [
+    pytest.mark.skipif(_MISSING is not None, reason=_MISSING or ""),
+    pytest.mark.skipif(current_kind() == SDNEXT, reason="the companion tab is not on SD.Next yet"),
+]
 
 
 @pytest.fixture(scope="module")

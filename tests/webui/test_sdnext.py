@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lib_scheduled_lora.hosts import xyz
+
 from .server import current_kind
 
 pytestmark = pytest.mark.skipif(current_kind() != "sdnext", reason="WEBUI_PATH is not an SD.Next checkout")
@@ -95,9 +97,7 @@ def sdnext(webui):
 def test_extension_is_loaded_with_its_xyz_axes(sdnext):
     status, info = sdnext.get("/scheduled-lora/v1/info")
     assert status == 200, info
-    assert set(info["xyz_axes"]["txt2img"]) == {
-        "Scheduled LoRA: schedule", "Scheduled LoRA: switch point", "Scheduled LoRA: strength", "Scheduled LoRA: hires schedule",
-    }
+    assert set(info["xyz_axes"]["txt2img"]) == set(xyz.AXES)
 
 
 def test_constant_schedule_equals_plain_tag(sdnext):
