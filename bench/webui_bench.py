@@ -67,6 +67,8 @@ def main() -> None:
             root=webui_path,
         )
     scripts = [s.lower() for s in get(url, "/sdapi/v1/scripts").get("txt2img", [])]
+    # Forge loads the checkpoint on the first request; until then /info cannot say how LoRAs apply.
+    post(url, "/sdapi/v1/txt2img", dict(prompt="a cat", steps=1, width=64, height=64, save_images=False, send_images=False))
     info = get(url, "/scheduled-lora/v1/info")
     forge = info.get("forge") or None
     have_loractl = "dynamic lora weights" in scripts

@@ -6,5 +6,5 @@ from __future__ import annotations
 
 from lib_scheduled_lora.hosts.detect import host_kind
 
-if host_kind() == "a1111":
+if host_kind() in ("a1111", "forge"):  # Forge main and Neo keep A1111's modules the tab uses
     import lib_scheduled_lora.hosts.a1111_tab  # noqa: F401 - registers the tab and the routes

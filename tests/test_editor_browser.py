@@ -2,8 +2,8 @@
 
 Runs against tests/editor_page.html (same element ids as A1111's txt2img tab) and, when
 ``WEBUI_URL`` (a running WebUI) or ``WEBUI_PATH`` (a checkout to start on 127.0.0.1) is set,
-against the real UI too (AUTOMATIC1111 or SD.Next, told apart by ``WEBUI_PATH``: the ids that differ
-are in ``UI``). Uses the system's Chromium (Debian package ``chromium``), never a downloaded
+against the real UI too (AUTOMATIC1111, Forge main, Forge Neo or SD.Next, told apart by
+``WEBUI_PATH``: the ids that differ are in ``UI``). Uses the system's Chromium (Debian package ``chromium``), never a downloaded
 browser; ``SCHEDULED_LORA_CHROMIUM`` overrides its path.
 
     apt-get install -y chromium && pip install playwright
@@ -54,6 +54,17 @@ UI = {
     "a1111": dict(
         hires="#txt2img_hr-visible-checkbox", hires_steps="#txt2img_hires_steps input[type=number]",
         img2img_tab="img2img", paste="#tab_txt2img #paste", second_order=[("DPM2", "mid"), ("DPM2 a", "end")],
+    ),
+    # Forge main and Neo keep A1111's ids (gradio 4 InputAccordion "txt2img_hr"); Neo has no
+    # "DPM2 a" (its sampler list has Heun, DPM2, DPM++ SDE, Restart as second order): Heun is the
+    # sampler that evaluates again at the next step's sigma there.
+    "forge": dict(
+        hires="#txt2img_hr-visible-checkbox", hires_steps="#txt2img_hires_steps input[type=number]",
+        img2img_tab="img2img", paste="#tab_txt2img #paste", second_order=[("DPM2", "mid"), ("DPM2 a", "end")],
+    ),
+    "neo": dict(
+        hires="#txt2img_hr-visible-checkbox", hires_steps="#txt2img_hires_steps input[type=number]",
+        img2img_tab="img2img", paste="#tab_txt2img #paste", second_order=[("DPM2", "mid"), ("Heun", "end")],
     ),
     "sdnext": dict(
         hires="#txt2img_enable_hr input[type=checkbox]", hires_steps="#txt2img_steps_alt input[type=number]",
@@ -389,7 +400,8 @@ def choose_sampler(tab, name: str) -> None:
     box = tab.locator("#txt2img_sampling input").first
     box.click()
     box.fill(name)
-    tab.locator(f'#txt2img_sampling ul.options li[data-value="{name}"]').click()
+    # gradio 3 (A1111, SD.Next) names an option in data-value, gradio 4 (Forge) in aria-label
+    tab.locator(f'#txt2img_sampling ul.options li[data-value="{name}"], #txt2img_sampling ul.options li[aria-label="{name}"]').first.click()
     tab.wait_for_function(
         "name => document.querySelector('#txt2img_sampling input').value === name", arg=name, timeout=SLOW
     )

@@ -1,7 +1,8 @@
 """AUTOMATIC1111 WebUI: the "Scheduled LoRA" tab (Merge and Sweep) and its API routes.
 
-Imported by ``scripts/scheduled_lora_tab.py`` only when the host is AUTOMATIC1111. The logic is
-host-independent (:mod:`lib_scheduled_lora.hosts.companion`, the core); this module builds the
+Imported by ``scripts/scheduled_lora_tab.py`` when the host is AUTOMATIC1111 or Forge (main and
+Neo keep the modules used here: ``processing``, ``sd_models``, ``call_queue``, ``shared.state``).
+The logic is host-independent (:mod:`lib_scheduled_lora.hosts.companion`, the core); this module builds the
 widgets, gives the host's folders and model list, reports progress through the host's own state
 (``shared.state``: the progress bar of the txt2img tab, its Interrupt), and runs sweep cells through
 the host's own processing (``process_images`` with the txt2img scripts, as the X/Y/Z plot does).
@@ -201,8 +202,17 @@ def _settings(negative, steps, sampler, width, height, cfg, seed, hires) -> dict
         cfg_scale=float(cfg), seed=int(seed),
     )
     if hires:
-        settings.update(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", denoising_strength=0.6)
+        settings.update(enable_hr=True, hr_scale=2.0, hr_upscaler=_hires_upscaler(), denoising_strength=0.6)
+        if "hr_additional_modules" in getattr(processing.StableDiffusionProcessingTxt2Img, "__dataclass_fields__", {}):
+            # Forge (main, Neo) reads the hires pass's module choice and fails on None: keep the first pass's.
+            settings["hr_additional_modules"] = ["Use same choices"]
     return settings
+
+
+def _hires_upscaler() -> str:
+    """"Latent" where the host has latent upscalers; Forge Neo has none (its "Latent" is no latent
+    mode there), so its plain resize, "None"."""
+    return "Latent" if "Latent" in (getattr(shared, "latent_upscale_modes", None) or {}) else "None"
 
 
 def _sweep_ui(id_task, prompt, negative, network, x_kind, x_values, y_kind, y_values, same_mean, numbers,
@@ -212,6 +222,11 @@ def _sweep_ui(id_task, prompt, negative, network, x_kind, x_values, y_kind, y_va
         result = run_sweep(plan, _settings(negative, steps, sampler, width, height, cfg, seed, hires), numbers)
     except ScheduledLoraError as exc:
         return [], "", f"<div class='error'>{_html(str(exc))}</div>"
+    temp_dir = getattr(shared.opts, "temp_dir", "")
+    if temp_dir:
+        # gradio saves the gallery's images there; Forge Neo (2026-08) creates its default "tmp"
+        # folder only when the setting changes (ui_tempdir.on_tmpdir_changed), not at start.
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
     cells = [
         f"{c['schedule']}: " + ", ".join(f"{k} {v:.3f}" for k, v in c["numbers"].items())
         for c in result["report"]["cells"]
@@ -328,7 +343,7 @@ def _sweep_tab() -> None:
                                 elem_id="scheduled_lora_sweep_same_mean")
         numbers = gr.Checkbox(label="Numbers (distance from no network / network at 1)", value=True,
                               elem_id="scheduled_lora_sweep_numbers")
-        hires = gr.Checkbox(label="Hires fix (x2, Latent)", value=False, elem_id="scheduled_lora_sweep_hires")
+        hires = gr.Checkbox(label=f"Hires fix (x2, {_hires_upscaler()})", value=False, elem_id="scheduled_lora_sweep_hires")
     with gr.Row():
         steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="scheduled_lora_sweep_steps")
         sampler = gr.Dropdown(sd_samplers.visible_sampler_names(), value="Euler", label="Sampler", elem_id="scheduled_lora_sweep_sampler")
