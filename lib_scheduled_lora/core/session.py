@@ -39,7 +39,7 @@ from typing import Protocol
 from torch import nn
 
 from lib_scheduled_lora.core.delta_cache import DeltaCache
-from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork, ScheduledWeights
+from lib_scheduled_lora.core.engine import Component, EngineSettings, ScheduledNetwork, ScheduledWeights
 from lib_scheduled_lora.core.library import LoadedNetworks
 from lib_scheduled_lora.core.live import BufferPool
 from lib_scheduled_lora.core.networks.base import Network
@@ -83,6 +83,25 @@ class Evaluation:
     multipliers: dict[str, float]
 
 
+class PositionedWeights(Protocol):
+    """What a pass moves per evaluation: the engine, or a host's own per-forward patches."""
+
+    def set_position(self, component: Component, step: float, steps: int) -> None: ...
+
+    def multipliers(self, component: Component) -> dict[str, float]: ...
+
+
+def place_evaluation(
+    weights: PositionedWeights, grid: PassGrid, hires: bool, trace: list[Evaluation], noise: float | None, index: int
+) -> float:
+    """The ``index``-th evaluation of a pass at ``noise``: placed on the pass's grid, the UNet's
+    multipliers set there and recorded in ``trace``; returns the fractional step index."""
+    position = grid.position(noise, index)
+    weights.set_position("unet", position, grid.steps)
+    trace.append(Evaluation(hires, noise, position, weights.multipliers("unet")))
+    return position
+
+
 class PassSession:
     """One sampling pass: an engine at the pass's UNet schedules and the pass's grid."""
 
@@ -103,12 +122,9 @@ class PassSession:
     def evaluate(self, noise: float | None) -> float:
         """Bring the UNet to the schedules' values for an evaluation at ``noise``; returns its
         fractional step index."""
-        position = self.grid.position(noise, self.evaluations)
+        self.position = place_evaluation(self.weights, self.grid, self.hires, self.trace, noise, self.evaluations)
         self.evaluations += 1
-        self.position = position
-        self.weights.set_position("unet", position, self.grid.steps)
-        self.trace.append(Evaluation(self.hires, noise, position, self.weights.multipliers("unet")))
-        return position
+        return self.position
 
     def resync(self) -> bool:
         """Call right before the model runs: when the host's own networks changed since this

@@ -53,7 +53,7 @@ from torch import nn
 
 from lib_scheduled_lora.core.engine import ScheduledNetwork
 from lib_scheduled_lora.core.positions import PassGrid, noise_level
-from lib_scheduled_lora.core.session import Evaluation, Runtime
+from lib_scheduled_lora.core.session import Evaluation, Runtime, place_evaluation
 from lib_scheduled_lora.core.tags import NetworkTag
 from lib_scheduled_lora.errors import HostLayoutError, UnsupportedModelError
 from lib_scheduled_lora.hosts.a1111 import (
@@ -547,12 +547,9 @@ class OnlinePass:
         self.position: float | None = None
 
     def evaluate(self, noise: float | None) -> float:
-        position = self.grid.position(noise, self.evaluations)
+        self.position = place_evaluation(self.weights, self.grid, self.hires, self.trace, noise, self.evaluations)
         self.evaluations += 1
-        self.position = position
-        self.weights.set_position("unet", position, self.grid.steps)
-        self.trace.append(Evaluation(self.hires, noise, position, self.weights.multipliers("unet")))
-        return position
+        return self.position
 
     def resync(self) -> bool:
         if self.position is None or self.weights.installed():
