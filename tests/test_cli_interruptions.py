@@ -62,11 +62,18 @@ SLOWED = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_slowed(tmp_path: Path, stage: str, *argv: str) -> tuple[subprocess.Popen, Path]:
     ready = tmp_path / "ready"
     process = subprocess.Popen(
         [sys.executable, "-c", SLOWED, str(ready), stage, *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+        # A suite started in the background (``cmd &``) passes SIGINT on as ignored, and Python then
+        # keeps it ignored: give the child the terminal's default, as a user's Ctrl-C finds it.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 120
     while not ready.exists():
