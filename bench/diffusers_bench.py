@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from engine_bench import RemergeFromBackup  # noqa: E402 - the same reference as the engine bench
 from support.random_networks import constant, module_layers, random_network, write  # noqa: E402
 from support.tiny_models import clip_tokenizer_dir  # noqa: E402
 
 from lib_scheduled_lora.core.engine import EngineSettings, ScheduledNetwork  # noqa: E402
 from lib_scheduled_lora.core.library import NetworkLibrary  # noqa: E402
-from lib_scheduled_lora.core.naming import map_network  # noqa: E402
-from lib_scheduled_lora.core.schedule import Schedule, parse_schedule  # noqa: E402
+from lib_scheduled_lora.core.schedule import parse_schedule  # noqa: E402
 from lib_scheduled_lora.hosts.diffusers import attach  # noqa: E402
 
 STEP, RAMP = "0@0.3:1", "0@0,1@1"
@@ -92,34 +92,6 @@ def write_network(pipe, kind: str, folder: Path) -> Path:
         layers = [layer for layer in layers if len(layer.shape) == 2]
     tensors = random_network(layers, "lora", rank=32, conv_rank=16, seed=1, std=constant(0.05, 0.05), alpha=lambda r: r / 2)
     return write(tensors, folder / f"bench_{kind}.safetensors")
-
-
-class Remerge:
-    """Restore every targeted weight from a CPU backup and add m·ΔW at each change (older tools)."""
-
-    def __init__(self, pipe, network, schedule: Schedule, steps: int):
-        params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
-        mapping = map_network(network.modules, {n: tuple(p.shape) for n, p in params.items()})
-        self.layers = [(params[t.weight].data, t.module) for t in mapping.targets]
-        self.backup = [w.detach().to("cpu", copy=True) for w, _ in self.layers]
-        self.schedule, self.steps, self.last = schedule, steps, None
-
-    def set(self, step: int) -> None:
-        m = self.schedule.at(step, self.steps)
-        if m == self.last:
-            return
-        self.last = m
-        with torch.no_grad():
-            for (weight, module), backup in zip(self.layers, self.backup):
-                weight.copy_(backup.to(weight.device))
-                if m:
-                    weight.copy_((weight.float() + m * module.weight_delta(weight)).to(weight.dtype))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for (weight, _), backup in zip(self.layers, self.backup):
-                weight.copy_(backup.to(weight.device))
-        self.last = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,16 +161,16 @@ def bench_kind(pipe, kind: str, path: Path, library: NetworkLibrary, args, devic
 
         return run
 
-    remerge = Remerge(pipe, library.load(parse_tag(f"<lora:{name}:1>")), parse_schedule(RAMP), steps)
+    remerge = RemergeFromBackup(pipe.unet, library.load(parse_tag(f"<lora:{name}:1>")), parse_schedule(RAMP))
 
     def remerge_run():
         try:
-            return generate(lambda p, step, t, kw: (remerge.set(step + 1), kw)[1] if step + 1 < steps else kw)
+            return generate(lambda p, step, t, kw: (remerge.before_step(step + 1, steps), kw)[1] if step + 1 < steps else kw)
         finally:
             remerge.restore()
 
     def with_remerge_first():
-        remerge.set(0)
+        remerge.before_step(0, steps)
         return remerge_run()
 
     configs: dict[str, Callable[[], object]] = {

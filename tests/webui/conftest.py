@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -48,6 +50,18 @@ class WebUI:
 
     def post(self, path, payload, **kw):
         return self.request("POST", path, payload, **kw)
+
+    def stopped_midway(self, route: str, **payload) -> tuple:
+        """Start a long scheduled generation, call ``route`` (interrupt or skip) while it samples,
+        and return the generation's (status, body)."""
+        result = {}
+        payload = dict(prompt="a cat <lora:sl_lora:0@0,1@1>", width=64, height=64, seed=1, save_images=False, **payload)
+        thread = threading.Thread(target=lambda: result.setdefault("r", self.post("/sdapi/v1/txt2img", payload)))
+        thread.start()
+        time.sleep(3)
+        self.post(route, {})
+        thread.join(600)
+        return result["r"]
 
     # Small, fast defaults: the smallest image the WebUI makes, few steps, nothing saved.
     DEFAULTS = dict(

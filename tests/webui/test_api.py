@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -116,22 +115,9 @@ def test_hires_pass(webui):
     assert same(none1, none2)
 
 
-def _stopped_midway(webui, route: str, **payload) -> tuple:
-    """Start a long scheduled generation, call ``route`` (interrupt or skip) while it samples,
-    and return the generation's (status, body)."""
-    result = {}
-    payload = dict(prompt="a cat <lora:sl_lora:0@0,1@1>", width=64, height=64, seed=1, save_images=False, **payload)
-    thread = threading.Thread(target=lambda: result.setdefault("r", webui.post("/sdapi/v1/txt2img", payload)))
-    thread.start()
-    time.sleep(3)
-    webui.post(route, {})
-    thread.join(600)
-    return result["r"]
-
-
 def test_weights_restored_after_interrupt(webui):
     none1, _ = webui.txt2img("a cat")
-    _stopped_midway(webui, "/sdapi/v1/interrupt", steps=150)
+    webui.stopped_midway("/sdapi/v1/interrupt", steps=150)
     none2, _ = webui.txt2img("a cat")
     assert same(none1, none2)
 
@@ -219,7 +205,7 @@ def test_plot_setting_appends_the_multiplier_plot(webui):
 
 def test_weights_restored_after_skip(webui):
     none1, _ = webui.txt2img("a cat")
-    status, _ = _stopped_midway(webui, "/sdapi/v1/skip", steps=60, n_iter=2)  # the second image still runs
+    status, _ = webui.stopped_midway("/sdapi/v1/skip", steps=60, n_iter=2)  # the second image still runs
     assert status == 200
     none2, _ = webui.txt2img("a cat")
     assert same(none1, none2)

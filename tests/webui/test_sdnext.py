@@ -15,8 +15,6 @@ mode (``lora_fuse_native: false``); one test runs the fuse mode beside a schedul
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -207,20 +205,9 @@ def test_te_schedule(sdnext):
     assert same(none1, none2)
 
 
-def _stopped_midway(webui, route: str, **payload):
-    result = {}
-    payload = dict(prompt="a cat <lora:sl_lora:0@0,1@1>", width=64, height=64, seed=1, save_images=False, **payload)
-    thread = threading.Thread(target=lambda: result.setdefault("r", webui.post("/sdapi/v1/txt2img", payload)))
-    thread.start()
-    time.sleep(3)
-    webui.post(route, {})
-    thread.join(600)
-    return result["r"]
-
-
 def test_weights_restored_after_interrupt(sdnext):
     none1, _ = sdnext.txt2img("a cat")
-    status, _ = _stopped_midway(sdnext, "/sdapi/v1/interrupt", steps=400)
+    status, _ = sdnext.stopped_midway("/sdapi/v1/interrupt", steps=400)
     assert status == 200
     none2, _ = sdnext.txt2img("a cat")
     assert same(none1, none2)
@@ -228,7 +215,7 @@ def test_weights_restored_after_interrupt(sdnext):
 
 def test_weights_restored_after_skip(sdnext):
     none1, _ = sdnext.txt2img("a cat")
-    status, _ = _stopped_midway(sdnext, "/sdapi/v1/skip", steps=300, n_iter=2)
+    status, _ = sdnext.stopped_midway("/sdapi/v1/skip", steps=300, n_iter=2)
     assert status == 200
     none2, _ = sdnext.txt2img("a cat")
     assert same(none1, none2)
